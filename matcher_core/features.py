@@ -1,0 +1,141 @@
+"""Image features: SAM image embeddings and dense patch features of the matching encoder.
+
+Coordinate frames used across the package:
+
+* *original*: pixels of the image as given, ``(H, W)``, points as ``XY``.
+* *SAM input*: the image resized so its long side is SAM's ``img_size`` (1024 for the real models),
+  ``input_size = (h, w)``; SAM's embedding covers the padded square ``img_size x img_size``.
+* *patch grid*: the matching encoder sees the whole image resized to a square
+  ``encoder_input_size``; its features form a ``(gh, gw)`` grid that covers the whole original image,
+  cell ``(i, j)`` centred on original pixel ``((j + 0.5) * W / gw, (i + 0.5) * H / gh)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ImageFeatures:
+    """Everything the pipelines need to know about one image, computed once and cached."""
+
+    original_size: tuple[int, int]
+    """``(H, W)`` of the original image."""
+    input_size: tuple[int, int]
+    """``(h, w)`` of the image resized for SAM (long side = SAM ``img_size``)."""
+    sam_embedding: torch.Tensor
+    """SAM image embedding, ``(C, He, We)`` (``(256, 64, 64)`` for the real models)."""
+    patch_features: torch.Tensor
+    """L2-normalised encoder features, ``(gh, gw, D)``, covering the whole original image."""
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.sam_embedding, self.patch_features))
+
+    def patch_centres(self) -> np.ndarray:
+        """``(gh * gw, 2)`` XY centres of the patch cells in original pixels, row-major."""
+        gh, gw = self.patch_features.shape[:2]
+        return patch_centres((gh, gw), self.original_size)
+
+
+def patch_centres(grid: tuple[int, int], original_size: tuple[int, int]) -> np.ndarray:
+    """``(gh * gw, 2)`` XY centres (original pixels) of a ``grid`` laid over the whole image."""
+    gh, gw = grid
+    height, width = original_size
+    ys, xs = np.meshgrid(
+        (np.arange(gh) + 0.5) * height / gh, (np.arange(gw) + 0.5) * width / gw, indexing="ij"
+    )
+    return np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float32)
+
+
+def pool_mask_to_grid(mask: np.ndarray | torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Fraction of each grid cell covered by ``mask`` ((H, W) bool), as a ``grid`` float tensor."""
+    tensor = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None, None]
+    return F.adaptive_avg_pool2d(tensor, grid)[0, 0]
+
+
+def _to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 RGB to a ``(1, 3, H, W)`` float tensor in [0, 255]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
+
+
+class SamImageEncoder:
+    """Runs SAM's image encoder the way ``SamPredictor.set_image`` does (resize, normalise, pad)."""
+
+    def __init__(self, sam: nn.Module):
+        self.sam = sam
+        self.img_size: int = sam.image_encoder.img_size
+
+    def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """``(h, w)`` with the long side scaled to ``img_size`` (SAM's ResizeLongestSide rule)."""
+        height, width = original_size
+        scale = self.img_size / max(height, width)
+        return int(height * scale + 0.5), int(width * scale + 0.5)
+
+    @torch.inference_mode()
+    def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``(C, He, We)`` embedding of an ``(H, W, 3)`` uint8 RGB image, and its input size."""
+        device = next(self.sam.parameters()).device
+        size = self.input_size(image.shape[:2])
+        x = F.interpolate(
+            _to_tensor(image, device),
+            size=size,
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
+        x = self.sam.preprocess(x)  # normalise and pad to img_size x img_size
+        return self.sam.image_encoder(x)[0], size
+
+
+class PatchEncoder:
+    """Dense, L2-normalised patch features of a timm ViT (DINOv2) or EfficientNet."""
+
+    def __init__(self, model: nn.Module, input_size: int):
+        self.model = model
+        self.input_size = input_size
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        self.mean = torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.get("std", IMAGENET_STD)).view(1, 3, 1, 1)
+        self.is_vit = hasattr(model, "patch_embed")
+
+    @torch.inference_mode()
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        """``(gh, gw, D)`` features of an ``(H, W, 3)`` uint8 RGB image."""
+        device = next(self.model.parameters()).device
+        size = (self.input_size, self.input_size)
+        x = F.interpolate(
+            _to_tensor(image, device) / 255.0,
+            size=size,
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
+        x = (x - self.mean.to(device)) / self.std.to(device)
+        if self.is_vit:
+            tokens = self.model.forward_features(x)[:, self.model.num_prefix_tokens :]
+            gh, gw = self.model.patch_embed.grid_size
+            grid = tokens.reshape(1, gh, gw, -1)
+        else:
+            grid = self._cnn_features(x)
+        return F.normalize(grid[0].float(), dim=-1)
+
+    def _cnn_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stride-16 EfficientNet features with the stride-32 stage upsampled and concatenated."""
+        m = self.model
+        x = m.bn1(m.conv_stem(x))
+        stride16 = None
+        for index, stage in enumerate(m.blocks):
+            x = stage(x)
+            if index == 4:  # last stage of stride 16 (112 channels for Lite0)
+                stride16 = x
+        stride32 = F.interpolate(x, size=stride16.shape[-2:], mode="bilinear", align_corners=False)
+        both = torch.cat([F.normalize(stride16, dim=1), F.normalize(stride32, dim=1)], dim=1)
+        return both.permute(0, 2, 3, 1)

@@ -1,0 +1,157 @@
+"""What the engine remembers of annotated examples: references, shots, learned weights.
+
+A :class:`Reference` holds, per label, one or more :class:`Shot` (an annotated image reduced to
+what matching needs), optional negative evidence, PerSAM-F mask weights and a tuned score
+threshold. It serialises to bytes without pickle (a JSON header plus ``.npy`` arrays in an
+``npz``), so a store can persist it and a hostile blob cannot execute code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Example:
+    """One annotated image: an ``(H, W, 3)`` uint8 RGB image and, per label, its instance masks
+    (each ``(H, W)`` bool at the image's resolution)."""
+
+    image: np.ndarray
+    masks: dict[str, list[np.ndarray]]
+
+
+@dataclass
+class Instance:
+    """One object found in a target image."""
+
+    label: str
+    mask: np.ndarray
+    """``(H, W)`` bool at the target's original resolution."""
+    score: float
+    """Confidence in [0, 1]."""
+    box: tuple[int, int, int, int]
+    """``XYXY`` pixel box around the mask (inclusive min, exclusive max)."""
+
+    @staticmethod
+    def from_mask(label: str, mask: np.ndarray, score: float) -> Instance:
+        ys, xs = np.nonzero(mask)
+        box = (
+            (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            if len(xs)
+            else (0, 0, 0, 0)
+        )
+        return Instance(
+            label=label, mask=mask.astype(bool), score=float(np.clip(score, 0.0, 1.0)), box=box
+        )
+
+
+@dataclass
+class Shot:
+    """One reference example of a label, reduced to the patch grid and SAM's feature space."""
+
+    patch_features: np.ndarray
+    """``(gh, gw, D)`` float16 L2-normalised encoder features of the whole reference image."""
+    patch_mask: np.ndarray
+    """``(gh, gw)`` float32: fraction of each patch cell covered by the label's masks."""
+    sam_target_embedding: np.ndarray
+    """``(C,)`` float32: mean of SAM image features under the mask (PerSAM's target embedding)."""
+    instance_count: int = 1
+
+    def masked_features(self, threshold: float = 0.5) -> np.ndarray:
+        """``(N, D)`` float32 features of the patches inside the mask (the cell of largest coverage
+        if no cell reaches ``threshold``)."""
+        flat_mask = self.patch_mask.reshape(-1)
+        feats = self.patch_features.reshape(len(flat_mask), -1).astype(np.float32)
+        inside = flat_mask >= threshold
+        if not inside.any():
+            inside = flat_mask >= flat_mask.max()
+        return feats[inside]
+
+
+@dataclass
+class LabelReference:
+    """Everything known about one label."""
+
+    label: str
+    shots: list[Shot] = field(default_factory=list)
+    negatives: np.ndarray | None = None
+    """``(N, D)`` float16 features of regions annotators rejected for this label."""
+    mask_weights: np.ndarray | None = None
+    """PerSAM-F blend of SAM's 3 multimask logits, ``(3,)`` float32 summing to 1."""
+    score_threshold: float | None = None
+    """Tuned per-label instance score threshold (None: the configuration's)."""
+
+    def sam_target_embedding(self) -> np.ndarray:
+        """``(C,)`` mean of the shots' SAM target embeddings."""
+        return np.mean([s.sam_target_embedding for s in self.shots], axis=0).astype(np.float32)
+
+
+@dataclass
+class Reference:
+    """The engine's memory for one project: per-label references built with one pair of models."""
+
+    labels: dict[str, LabelReference] = field(default_factory=dict)
+    model_id: str = ""
+    """Identity of the models that produced the features (a reference never mixes models)."""
+
+    def to_bytes(self) -> bytes:
+        arrays: dict[str, np.ndarray] = {}
+        header: dict = {"format": FORMAT_VERSION, "model_id": self.model_id, "labels": []}
+        for li, (name, ref) in enumerate(self.labels.items()):
+            entry = {
+                "label": name,
+                "shots": [],
+                "score_threshold": ref.score_threshold,
+                "negatives": ref.negatives is not None,
+                "mask_weights": ref.mask_weights is not None,
+            }
+            for si, shot in enumerate(ref.shots):
+                arrays[f"l{li}s{si}f"] = shot.patch_features.astype(np.float16)
+                arrays[f"l{li}s{si}m"] = shot.patch_mask.astype(np.float32)
+                arrays[f"l{li}s{si}e"] = shot.sam_target_embedding.astype(np.float32)
+                entry["shots"].append({"instance_count": shot.instance_count})
+            if ref.negatives is not None:
+                arrays[f"l{li}n"] = ref.negatives.astype(np.float16)
+            if ref.mask_weights is not None:
+                arrays[f"l{li}w"] = ref.mask_weights.astype(np.float32)
+            header["labels"].append(entry)
+        buffer = io.BytesIO()
+        np.savez_compressed(
+            buffer, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays
+        )
+        return buffer.getvalue()
+
+    @staticmethod
+    def from_bytes(blob: bytes) -> Reference:
+        try:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+                header = json.loads(data["header"].tobytes().decode())
+                if header.get("format") != FORMAT_VERSION:
+                    raise ValueError(f"unsupported reference format {header.get('format')!r}")
+                labels: dict[str, LabelReference] = {}
+                for li, entry in enumerate(header["labels"]):
+                    shots = [
+                        Shot(
+                            patch_features=data[f"l{li}s{si}f"],
+                            patch_mask=data[f"l{li}s{si}m"],
+                            sam_target_embedding=data[f"l{li}s{si}e"],
+                            instance_count=int(meta.get("instance_count", 1)),
+                        )
+                        for si, meta in enumerate(entry["shots"])
+                    ]
+                    labels[entry["label"]] = LabelReference(
+                        label=entry["label"],
+                        shots=shots,
+                        negatives=data[f"l{li}n"] if entry["negatives"] else None,
+                        mask_weights=data[f"l{li}w"] if entry["mask_weights"] else None,
+                        score_threshold=entry.get("score_threshold"),
+                    )
+        except (OSError, KeyError, ValueError, json.JSONDecodeError) as error:
+            raise ValueError(f"not a serialised reference: {error}") from error
+        return Reference(labels=labels, model_id=header.get("model_id", ""))

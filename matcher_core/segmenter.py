@@ -1,0 +1,206 @@
+"""The one entry point of the engine: :class:`OneShotSegmenter`.
+
+>>> segmenter = OneShotSegmenter(SegmenterConfig())
+>>> reference = segmenter.build_reference([Example(image, {"cat": [cat_mask]})])
+>>> instances = segmenter.segment(reference, other_image)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from . import matcher, persam, persam_f
+from .cache import EmbeddingCache, image_key
+from .config import SegmenterConfig
+from .features import ImageFeatures, PatchEncoder, SamImageEncoder, pool_mask_to_grid
+from .models import load_encoder, load_sam, select_device
+from .reference import Example, Instance, LabelReference, Reference, Shot
+from .sam_decoder import SamDecoder
+
+log = logging.getLogger(__name__)
+
+
+class OneShotSegmenter:
+    """Segments, in target images, the objects shown by a reference (Matcher or PerSAM mode).
+
+    Models load once, at construction. Image features are cached by content, so segmenting an
+    image again (new reference, new weights) runs no encoder.
+    """
+
+    def __init__(self, config: SegmenterConfig | None = None):
+        self.config = config = config or SegmenterConfig()
+        self.device = select_device(config.device)
+        if config.random_weights:
+            log.warning(
+                "RANDOM WEIGHTS: SAM %s and encoder %s are randomly initialised; "
+                "outputs are meaningless (smoke runs and tests only)",
+                config.sam_type,
+                config.encoder,
+            )
+        self.sam = load_sam(config, self.device)
+        self.sam_encoder = SamImageEncoder(self.sam)
+        self.patch_encoder = PatchEncoder(
+            load_encoder(config, self.device), config.encoder_input_size
+        )
+        self.decoder = SamDecoder(self.sam)
+        self.cache = EmbeddingCache(config.cache_bytes)
+        self.model_id = (
+            f"sam={config.sam_type}:{config.sam_checkpoint or 'official'};"
+            f"encoder={config.encoder}@{config.encoder_input_size}:"
+            f"{config.encoder_checkpoint or 'pretrained'};random={config.random_weights}"
+        )
+        self.encoder_calls = 0
+        self.timings: dict[str, float] = defaultdict(float)
+
+    # ---------------------------------------------------------------------------------------
+    @contextmanager
+    def timed(self, stage: str):
+        """Accumulate wall time of ``stage`` into :attr:`timings` (read by ``bench/``)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] += time.perf_counter() - start
+
+    def features(self, image: np.ndarray) -> ImageFeatures:
+        """SAM embedding and patch features of an ``(H, W, 3)`` uint8 image (cached by content)."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(
+                f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}"
+            )
+        key = image_key(image, self.model_id)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        self.encoder_calls += 1
+        with self.timed("encoder_sam"):
+            embedding, input_size = self.sam_encoder(image)
+        with self.timed("encoder_patch"):
+            patches = self.patch_encoder(image)
+        features = ImageFeatures(
+            original_size=image.shape[:2],
+            input_size=input_size,
+            sam_embedding=embedding,
+            patch_features=patches,
+        )
+        self.cache.put(key, features)
+        return features
+
+    # ---------------------------------------------------------------------------------------
+    def make_shot(self, features: ImageFeatures, masks: list[np.ndarray]) -> Shot:
+        """Reduce one labelled image to a :class:`Shot` (masks are ``(H, W)`` bool, same size)."""
+        union = np.zeros(features.original_size, dtype=bool)
+        for mask in masks:
+            if mask.shape != union.shape:
+                raise ValueError(f"mask of shape {mask.shape} does not fit image {union.shape}")
+            union |= mask.astype(bool)
+        if not union.any():
+            raise ValueError("empty mask: a reference needs at least one object pixel")
+        grid = tuple(features.patch_features.shape[:2])
+        patch_mask = pool_mask_to_grid(union, grid).numpy()
+        return Shot(
+            patch_features=features.patch_features.cpu().numpy().astype(np.float16),
+            patch_mask=patch_mask.astype(np.float32),
+            sam_target_embedding=self.sam_target_embedding(features, union),
+            instance_count=len(masks),
+        )
+
+    def sam_target_embedding(self, features: ImageFeatures, mask: np.ndarray) -> np.ndarray:
+        """``(C,)`` mean SAM feature under ``mask`` (PerSAM's target embedding).
+
+        The mask is mapped into the embedding's frame (resized like the image, padded), then
+        averaged over embedding cells it covers at least half (the best cell if none does).
+        """
+        embedding = features.sam_embedding
+        _, he, we = embedding.shape
+        h, w = features.input_size
+        mask_t = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+        resized = torch.nn.functional.interpolate(
+            mask_t, (h, w), mode="bilinear", align_corners=False
+        )
+        padded = torch.zeros(1, 1, self.decoder.img_size, self.decoder.img_size)
+        padded[..., :h, :w] = resized
+        cells = torch.nn.functional.adaptive_avg_pool2d(padded, (he, we))[0, 0]
+        weights = (cells >= 0.5).float()
+        if weights.sum() == 0:
+            weights = (cells >= cells.max()).float()
+        flat = embedding.float().cpu().reshape(embedding.shape[0], -1)
+        return (flat @ weights.reshape(-1) / weights.sum()).numpy().astype(np.float32)
+
+    def build_reference(self, examples: Iterable[Example]) -> Reference:
+        """A new :class:`Reference` from annotated examples (one shot per example and label)."""
+        return self.add_examples(Reference(model_id=self.model_id), examples)
+
+    def add_examples(
+        self, reference: Reference, examples: Iterable[Example], max_shots: int = 8
+    ) -> Reference:
+        """Add examples as further shots (few-shot); keeps at most ``max_shots`` per label,
+        the newest, so the reference stays bounded."""
+        self._check_model(reference)
+        for example in examples:
+            features = self.features(example.image)
+            for label, masks in example.masks.items():
+                masks = [m for m in masks if m.any()]
+                if not masks:
+                    continue
+                ref = reference.labels.setdefault(label, LabelReference(label=label))
+                ref.shots.append(self.make_shot(features, masks))
+                ref.shots = ref.shots[-max_shots:]
+        return reference
+
+    def _check_model(self, reference: Reference) -> None:
+        if reference.model_id and reference.model_id != self.model_id:
+            raise ValueError(
+                f"reference was built with other models ({reference.model_id}); "
+                f"this segmenter runs {self.model_id}"
+            )
+
+    # ---------------------------------------------------------------------------------------
+    def segment(
+        self, reference: Reference, image: np.ndarray, labels: Iterable[str] | None = None
+    ) -> list[Instance]:
+        """Instances of every reference label (or of ``labels``) found in ``image``."""
+        self._check_model(reference)
+        target = self.features(image)
+        wanted = list(labels) if labels is not None else list(reference.labels)
+        instances: list[Instance] = []
+        for label in wanted:
+            label_ref = reference.labels.get(label)
+            if label_ref is None or not label_ref.shots:
+                continue
+            if self.config.mode == "persam":
+                found = persam.segment_label(self, target, label_ref)
+            else:
+                found = matcher.segment_label(self, target, label_ref)
+            threshold = (
+                label_ref.score_threshold
+                if label_ref.score_threshold is not None
+                else self.config.score_threshold
+            )
+            instances.extend(i for i in found if i.score >= threshold)
+        return instances
+
+    def train_mask_weights(self, reference: Reference, examples: Iterable[Example]) -> dict:
+        """PerSAM-F: learn each label's 3-way mask blend on ``examples``; returns a report per label."""
+        self._check_model(reference)
+        per_label: dict[str, list[tuple[ImageFeatures, np.ndarray]]] = defaultdict(list)
+        for example in examples:
+            features = self.features(example.image)
+            for label, masks in example.masks.items():
+                union = np.any([m.astype(bool) for m in masks], axis=0) if masks else None
+                if union is not None and union.any() and label in reference.labels:
+                    per_label[label].append((features, union))
+        reports = {}
+        for label, pairs in per_label.items():
+            with self.timed("persam_f"):
+                report = persam_f.train_mask_weights(self, reference.labels[label], pairs)
+            reference.labels[label].mask_weights = report.weights
+            reports[label] = report
+        return reports
