@@ -187,6 +187,43 @@ class OneShotSegmenter:
             instances.extend(i for i in found if i.score >= threshold)
         return instances
 
+    def segment_from_prompts(
+        self,
+        image: np.ndarray,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, float]:
+        """SAM's mask for explicit prompts (interactive smart tools; boxes turned into masks).
+
+        Args:
+            image: ``(H, W, 3)`` uint8 RGB (its embedding is cached).
+            points: ``(N, 2)`` XY original pixels; ``point_labels``: ``(N,)`` 1 positive, 0 negative.
+            box: ``(4,)`` XYXY original pixels.
+
+        Returns:
+            ``(H, W)`` bool mask (SAM's best of 3 by predicted IoU) and that predicted IoU.
+        """
+        if points is None and box is None:
+            raise ValueError("give at least one point or a box")
+        features = self.features(image)
+        size = features.original_size
+        coords = labels = boxes = None
+        if points is not None and len(points):
+            coords = torch.from_numpy(self.decoder.to_input_coords(np.asarray(points), size))[None]
+            labels = torch.as_tensor(np.asarray(point_labels), dtype=torch.int64)[None]
+        if box is not None:
+            corners = self.decoder.to_input_coords(np.asarray(box, np.float32).reshape(2, 2), size)
+            boxes = torch.from_numpy(corners.reshape(1, 4))
+        with self.timed("decoding"):
+            out = self.decoder.decode(features.sam_embedding, coords, labels, boxes, multimask=True)
+        best = int(out.iou_predictions[0].argmax())
+        logits = self.decoder.upscale(
+            out.low_res_logits[:, best : best + 1], features.input_size, size
+        )
+        mask = (logits[0, 0] > self.decoder.mask_threshold).cpu().numpy()
+        return mask, float(out.iou_predictions[0, best].clamp(0, 1))
+
     def train_mask_weights(self, reference: Reference, examples: Iterable[Example]) -> dict:
         """PerSAM-F: learn each label's 3-way mask blend on ``examples``; returns a report per label."""
         self._check_model(reference)
