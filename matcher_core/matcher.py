@@ -192,7 +192,7 @@ def segment_label(
             if len(instances) >= config.max_instances:
                 break
             piece = torch.zeros(logits.shape[-2:], dtype=torch.bool, device=logits.device)
-            piece[:crop_h, :crop_w] = torch.from_numpy(pieces[choice.proposal])
+            piece[:crop_h, :crop_w] = torch.from_numpy(pieces[choice.proposal]).to(logits.device)
             parent = logits[parents[choice.proposal]]
             # Pixels of the parent mask outside this piece belong to another piece: switch them off.
             outside = ~piece & (parent > decoder.mask_threshold)
