@@ -97,11 +97,60 @@ class _Target:
         return _Target(flat, flat.sum(), FOCAL_ALPHA * flat + (1 - FOCAL_ALPHA) * (1 - flat))
 
     def loss(self, multimask_logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Dice + focal of the blend of ``(1, 3, H, W)`` logits with ``(3,)`` weights."""
+        """Dice + focal of the blend of ``(1, 3, H, W)`` logits with ``(3,)`` weights (autograd
+        formulation, as published)."""
         blended = blend(multimask_logits, weights).reshape(-1)
         return dice_loss(blended, self.mask, self.mask_sum) + focal_loss(
             blended, self.mask, self.alpha_t
         )
+
+
+class _CachedExample:
+    """One example's cached multimask logits with the loss and its gradient in closed form.
+
+    The same loss as :meth:`_Target.loss`, computed in fewer passes over the pixels than autograd
+    needs (the loop's cost is all per-pixel work). With ``t`` in {0, 1}, let ``s = (1 - 2t) z``
+    be the logit signed towards the wrong class, ``q = sigmoid(s) = 1 - p_t``. Then
+
+    * focal: ``alpha_t * softplus(s) * q^2`` (``softplus(s)`` is the cross-entropy);
+    * Dice: ``sum(p) = sum(t) + sum((1 - 2t) q)``, ``sum(p t) = sum(t) - sum(t q)``;
+    * ``d focal / ds = alpha_t q^2 (2 (1 - q) softplus(s) + q)``,
+      ``d dice / ds = (a + b t) q (1 - q)`` with ``a = num / den^2``, ``b = 2 (den - num) / den^2``
+      (``num = 2 sum(p t) + 1``, ``den = sum(p) + sum(t) + 1``);
+    * ``s`` is linear in the blend weights, ``s = weights @ ((1 - 2t) logits)``, so the gradient
+      with respect to the weights is one matrix-vector product.
+    """
+
+    def __init__(self, logits: torch.Tensor, mask: np.ndarray):
+        target = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32).reshape(-1))
+        self.sign = 1 - 2 * target
+        self.target = target
+        self.target_sum = float(target.sum())
+        self.count = target.numel()
+        alpha_t = FOCAL_ALPHA * target + (1 - FOCAL_ALPHA) * (1 - target)
+        self.alpha_over_count = alpha_t / self.count
+        self.signed_logits = (logits.reshape(3, -1) * self.sign).contiguous()  # (3, N)
+
+    def loss_and_gradient(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss (scalar) and its gradient with respect to the ``(3,)`` blend weights."""
+        s = weights @ self.signed_logits
+        q = torch.sigmoid(s)
+        cross_entropy = F.softplus(s)  # log(1 + exp(s)); equals s beyond 20 in float32
+        right = 1 - q  # p_t
+        q_squared = q * q
+        focal = torch.dot(self.alpha_over_count, q_squared * cross_entropy)
+        prob_sum = self.target_sum + torch.dot(self.sign, q)
+        numerator = 2 * (self.target_sum - torch.dot(self.target, q)) + DICE_SMOOTHING
+        denominator = prob_sum + self.target_sum + DICE_SMOOTHING
+        dice = 1 - numerator / denominator
+
+        gradient = torch.addcmul(q, right, cross_entropy, value=2)
+        gradient.mul_(q_squared).mul_(self.alpha_over_count)
+        a = float(numerator / denominator**2)
+        b = float(2 * (denominator - numerator) / denominator**2)
+        dice_slope = torch.mul(self.target, b).add_(a)
+        gradient.addcmul_(dice_slope, q.mul_(right))  # q (1 - q), in place: q is done with
+        return dice + focal, self.signed_logits @ gradient
 
 
 def example_prompt(
@@ -148,11 +197,14 @@ def _check_pairs(pairs: list[tuple[ImageFeatures, np.ndarray]]) -> None:
 
 def _optimise(
     segmenter: OneShotSegmenter,
-    targets: list[_Target],
-    logits_of: Callable[[int], torch.Tensor],
+    loss_and_gradient: Callable[[torch.Tensor], tuple[float, torch.Tensor]],
     iterations: int,
+    examples: int,
 ) -> TrainingReport:
-    """The PerSAM-F loop; ``logits_of(i)`` gives example i's ``(1, 3, H, W)`` logits."""
+    """The PerSAM-F loop over the ``(2,)`` free weights ``(w1, w2)``.
+
+    ``loss_and_gradient(free)`` returns the loss at ``free`` and its ``(2,)`` gradient.
+    """
     config = segmenter.config
     start = time.perf_counter()
     free = torch.nn.Parameter(torch.full((2,), 1 / 3))
@@ -160,29 +212,20 @@ def _optimise(
         [free], lr=config.persam_f_lr, weight_decay=config.persam_f_weight_decay, eps=ADAMW_EPS
     )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(iterations, 1))
-
-    def mean_loss() -> torch.Tensor:
-        weights = blend_weights(free)
-        return torch.stack([t.loss(logits_of(i), weights) for i, t in enumerate(targets)]).mean()
-
-    with torch.inference_mode(False), torch.enable_grad():
-        loss_before = None
-        for _ in range(iterations):
-            loss = mean_loss()
-            loss_before = float(loss.detach()) if loss_before is None else loss_before
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-        with torch.no_grad():
-            loss_after = float(mean_loss())
+    losses = []
+    for _ in range(iterations):
+        loss, free.grad = loss_and_gradient(free)
+        losses.append(loss)
+        optimiser.step()
+        schedule.step()
+    loss_after, _ = loss_and_gradient(free)
     return TrainingReport(
         weights=blend_weights(free.detach()).numpy().astype(np.float32),
-        loss_before=loss_after if loss_before is None else loss_before,
+        loss_before=losses[0] if losses else loss_after,
         loss_after=loss_after,
         iterations=iterations,
         seconds=time.perf_counter() - start,
-        examples=len(targets),
+        examples=examples,
     )
 
 
@@ -195,7 +238,8 @@ def train_mask_weights(
     """Learn the label's PerSAM-F blend weights on ``pairs`` of (features, ``(H, W)`` bool mask).
 
     Each example is decoded once; the ``iterations`` (default ``config.persam_f_iterations``)
-    AdamW steps run on the cached logits. ``seconds`` includes the decoding.
+    AdamW steps run on the cached logits, with the loss's gradient in closed form
+    (:class:`_CachedExample`). ``seconds`` includes the decoding.
     """
     _check_pairs(pairs)
     start = time.perf_counter()
@@ -203,10 +247,21 @@ def train_mask_weights(
     cached = []
     for features, mask in pairs:
         prompt = example_prompt(segmenter, target_embedding, features)
-        cached.append(example_logits(segmenter, target_embedding, features, prompt, mask.shape))
-    targets = [_Target.of(mask) for _, mask in pairs]
+        logits = example_logits(segmenter, target_embedding, features, prompt, mask.shape)
+        cached.append(_CachedExample(logits, mask))
+
+    def loss_and_gradient(free: torch.Tensor) -> tuple[float, torch.Tensor]:
+        weights = blend_weights(free.detach())
+        loss, gradient = 0.0, torch.zeros(3)
+        for example in cached:
+            example_loss, example_gradient = example.loss_and_gradient(weights)
+            loss, gradient = loss + float(example_loss), gradient + example_gradient
+        # mean over examples, then through weights = (1 - w1 - w2, w1, w2)
+        loss, gradient = loss / len(cached), gradient / len(cached)
+        return loss, gradient[1:] - gradient[0]
+
     iterations = segmenter.config.persam_f_iterations if iterations is None else iterations
-    report = _optimise(segmenter, targets, cached.__getitem__, iterations)
+    report = _optimise(segmenter, loss_and_gradient, iterations, len(pairs))
     report.seconds = time.perf_counter() - start
     return report
 
@@ -217,18 +272,26 @@ def train_mask_weights_reference(
     pairs: list[tuple[ImageFeatures, np.ndarray]],
     iterations: int | None = None,
 ) -> TrainingReport:
-    """The published loop: decode every example again in every iteration (slow).
+    """The published loop: decode every example again in every iteration, autograd loss (slow).
 
     Only for tests and ``bench/`` to show that :func:`train_mask_weights` learns the same weights.
     """
     _check_pairs(pairs)
     target_embedding = label_ref.sam_target_embedding()
     targets = [_Target.of(mask) for _, mask in pairs]
-    iterations = segmenter.config.persam_f_iterations if iterations is None else iterations
     prompts = [example_prompt(segmenter, target_embedding, f) for f, _ in pairs]
 
-    def decode_again(index: int) -> torch.Tensor:
-        features, mask = pairs[index]
-        return example_logits(segmenter, target_embedding, features, prompts[index], mask.shape)
+    def loss_and_gradient(free: torch.Tensor) -> tuple[float, torch.Tensor]:
+        with torch.inference_mode(False), torch.enable_grad():
+            free = free.detach().requires_grad_(True)
+            weights = blend_weights(free)
+            losses = []
+            for (features, mask), prompt, target in zip(pairs, prompts, targets, strict=True):
+                logits = example_logits(segmenter, target_embedding, features, prompt, mask.shape)
+                losses.append(target.loss(logits, weights))
+            loss = torch.stack(losses).mean()
+            loss.backward()
+        return float(loss.detach()), free.grad
 
-    return _optimise(segmenter, targets, decode_again, iterations)
+    iterations = segmenter.config.persam_f_iterations if iterations is None else iterations
+    return _optimise(segmenter, loss_and_gradient, iterations, len(pairs))
