@@ -53,15 +53,16 @@ def test_loss_terms_match_hand_computed_values():
 
 
 @pytest.mark.parametrize("weights", [(1 / 3, 1 / 3, 1 / 3), (1.4, -0.6, 0.2), (0.0, 0.0, 1.0)])
-def test_the_closed_form_loss_and_gradient_equal_autograd(weights):
+@pytest.mark.parametrize("size", [(30, 40), (150, 300)])  # one block of pixels; several
+def test_the_closed_form_loss_and_gradient_equal_autograd(weights, size):
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(1, 3, 30, 40, generator=g) * 6  # large logits: saturated sigmoids too
-    mask = (torch.rand(30, 40, generator=g) > 0.6).numpy()
+    logits = torch.randn(1, 3, *size, generator=g) * 6  # large logits: saturated sigmoids too
+    mask = (torch.rand(*size, generator=g) > 0.6).numpy()
     leaf = torch.tensor(weights, requires_grad=True)
     expected = persam_f._Target.of(mask).loss(logits, leaf)
     expected.backward()
     loss, gradient = persam_f._CachedExample(logits, mask).loss_and_gradient(leaf.detach())
-    assert float(loss) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert loss == pytest.approx(float(expected.detach()), rel=1e-5)
     torch.testing.assert_close(gradient, leaf.grad, atol=1e-6, rtol=1e-5)
 
 
