@@ -144,8 +144,8 @@ class _CachedExample:
       with respect to the weights is a matrix-vector product.
 
     Pixels go in blocks of :data:`CHUNK_PIXELS`, twice: once for the sums (Dice needs them
-    before any pixel's gradient), once for the gradient; recomputing ``s`` in cache is cheaper
-    than storing it. Sums accumulate in float64.
+    before any pixel's gradient), keeping ``q`` and ``softplus(s)``, once for the gradient.
+    Sums accumulate in float64.
     """
 
     def __init__(self, logits: torch.Tensor, mask: np.ndarray):
@@ -169,23 +169,26 @@ class _CachedExample:
     def loss_and_gradient(self, weights: torch.Tensor) -> tuple[float, torch.Tensor]:
         """Loss and its ``(3,)`` gradient with respect to the ``(3,)`` blend weights."""
         focal = sign_q = target_q = 0.0
+        per_block = []
         for signed_logits, sign_and_target, _, alpha_over_count in self.blocks:
             s = weights @ signed_logits
             q = torch.sigmoid(s)
-            focal += float(torch.dot(alpha_over_count, q * q * F.softplus(s)))
+            cross_entropy = F.softplus(s)
+            focal += float(torch.dot(alpha_over_count, q * q * cross_entropy))
             sums = (sign_and_target @ q).tolist()
             sign_q, target_q = sign_q + sums[0], target_q + sums[1]
+            per_block.append((q, cross_entropy))
         numerator = 2 * (self.target_sum - target_q) + DICE_SMOOTHING
         denominator = (self.target_sum + sign_q) + self.target_sum + DICE_SMOOTHING
         a = numerator / denominator**2
         b = 2 * (denominator - numerator) / denominator**2
 
         gradient = torch.zeros(3, dtype=torch.float64)
-        for signed_logits, _, target, alpha_over_count in self.blocks:
-            s = weights @ signed_logits
-            q = torch.sigmoid(s)
+        for (signed_logits, _, target, alpha_over_count), (q, cross_entropy) in zip(
+            self.blocks, per_block, strict=True
+        ):
             right = 1 - q  # p_t
-            slope = torch.addcmul(q, right, F.softplus(s), value=2)  # d focal / ds
+            slope = torch.addcmul(q, right, cross_entropy, value=2)  # d focal / ds
             slope.mul_(q * q).mul_(alpha_over_count)
             slope.addcmul_(torch.mul(target, b).add_(a), q.mul_(right))  # + d dice / ds
             gradient += signed_logits @ slope
