@@ -97,7 +97,7 @@ class Settings:
     mode: str = "matcher"
     preset: str | None = None
     # --- services -----------------------------------------------------------------------
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
     jobs: str = "thread"
     """Where background work runs: ``thread`` (in the web process) or ``rq`` (Redis queue, run by
     ``rq worker``); default ``rq`` when ``REDIS_URL`` is set."""
