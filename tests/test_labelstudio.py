@@ -672,7 +672,7 @@ def mutated_results(draw):
     return result
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(results=st.lists(mutated_results() | result_like | json_values, max_size=5) | json_values)
 def test_fuzzed_annotations_raise_only_annotation_error(results):
     masker = BoxFiller(30, 40)
@@ -691,7 +691,7 @@ def test_fuzzed_annotations_raise_only_annotation_error(results):
     )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(context=st.fixed_dictionaries({"result": st.lists(result_like, max_size=4)}) | json_values)
 def test_fuzzed_smart_contexts_raise_only_annotation_error(context):
     try:
@@ -735,7 +735,7 @@ def xml_trees(draw, depth=0):
     return f"<{tag} {attrs}>{''.join(children)}</{tag}>"
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(config=xml_trees() | st.text(max_size=200))
 def test_fuzzed_label_configs_raise_only_config_error(config):
     try:
