@@ -26,6 +26,11 @@ Policies (documented here because the server and the README rely on them):
   is left.
 * **Rotated images** (``image_rotation`` other than 0) are rejected: Label Studio's rotated-image
   coordinates cannot be mapped back reliably, so the user is asked to reset the rotation.
+* **Boxes and keypoints** become masks through SAM (``prompt_masker``), after the brush and
+  polygon masks. With smart tools the annotation keeps the prompts next to the masks they
+  produced, so a rectangle whose box matches (IoU >= 0.5) the bounding box of a mask of its label,
+  and a keypoint inside a mask of its label, mark an object already there and are not used;
+  negative clicks (``is_positive: false``) are never objects.
 * **Keypoints** of one label in one annotation: a keypoint inside the mask already produced for an
   earlier keypoint of that label refines that object (SAM is asked again with all its points);
   a keypoint outside starts a new object. So several clicks on one object give one instance, and
@@ -267,6 +272,7 @@ def annotation_to_masks(
     masks: dict[str, list[np.ndarray]] = {}
     skipped: list[str] = []
     keypoints: dict[str, list[np.ndarray]] = {}  # label -> XY pixel points, in order
+    rectangles: list[tuple[str, list[str], np.ndarray]] = []  # (where, labels, XYXY box)
 
     for index, result in enumerate(results):
         where = f"result #{index}"
@@ -294,30 +300,50 @@ def annotation_to_masks(
 
         if result_type == KEYPOINT:
             point = _keypoint_xy(value, height, width, where)
+            if result.get("is_positive") is False:
+                log.debug("%s is a negative smart-tool click, not an object; ignored", where)
+                continue
             for label in labels:
                 keypoints.setdefault(label, []).append(point)
             continue
-        if result_type == BRUSH:
-            mask = decode_brush(value, height, width, where)
-        elif result_type == POLYGON:
-            points_xy = _percent_to_pixels(_polygon_points(value, where), height, width)
-            mask = rasterize_polygon(points_xy, height, width)
-        else:
+        if result_type == RECTANGLE:
             box = _rectangle_box(value, height, width, where)
             if box[2] <= box[0] or box[3] <= box[1]:
                 skipped.append(f"{where}: empty rectangle")
-                continue
-            if prompt_masker is None:
-                skipped.append(f"{where}: rectangles need SAM (no prompt_masker given)")
-                continue
-            mask = _call_masker(prompt_masker, None, None, box, height, width)
+            else:
+                rectangles.append((where, labels, box))
+            continue
+        if result_type == BRUSH:
+            mask = decode_brush(value, height, width, where)
+        else:
+            points_xy = _percent_to_pixels(_polygon_points(value, where), height, width)
+            mask = rasterize_polygon(points_xy, height, width)
         if not mask.any():
             skipped.append(f"{where}: empty mask")
             continue
         for label in labels:
             masks.setdefault(label, []).append(mask)
 
+    # Boxes and clicks last: with smart tools, the annotation keeps the prompts next to the
+    # masks they produced, and a prompt covering an object already drawn is not another object.
+    for where, labels, box in rectangles:
+        if all(_box_repeats_a_mask(box, masks.get(label, ())) for label in labels):
+            log.info("%s: outlines a mask already in the annotation; not a new object", where)
+            continue
+        if prompt_masker is None:
+            skipped.append(f"{where}: rectangles need SAM (no prompt_masker given)")
+            continue
+        mask = _call_masker(prompt_masker, None, None, box, height, width)
+        if not mask.any():
+            skipped.append(f"{where}: SAM returned an empty mask for the box")
+            continue
+        for label in labels:
+            masks.setdefault(label, []).append(mask)
     for label, points in keypoints.items():
+        drawn = masks.get(label, [])
+        points = [p for p in points if not any(m[int(p[1]), int(p[0])] for m in drawn)]
+        if not points:
+            continue
         if prompt_masker is None:
             skipped.append(f"{len(points)} keypoint(s) of {label!r}: need SAM (no prompt_masker)")
             continue
@@ -515,6 +541,24 @@ def _rectangle_box(value: dict, height: int, width: int, where: str) -> np.ndarr
     low = np.clip(corners.min(axis=0), 0, [width, height])
     high = np.clip(corners.max(axis=0), 0, [width, height])
     return np.array([low[0], low[1], high[0], high[1]], dtype=np.float32)
+
+
+def _box_repeats_a_mask(box: np.ndarray, masks: Iterable[np.ndarray]) -> bool:
+    """Whether an XYXY box and the bounding box of one of ``masks`` overlap with IoU >= 0.5."""
+    for mask in masks:
+        rows, columns = np.nonzero(mask)
+        other = (columns.min(), rows.min(), columns.max() + 1, rows.max() + 1)
+        width = min(box[2], other[2]) - max(box[0], other[0])
+        height = min(box[3], other[3]) - max(box[1], other[1])
+        inter = max(width, 0) * max(height, 0)
+        union = (
+            (box[2] - box[0]) * (box[3] - box[1])
+            + (other[2] - other[0]) * (other[3] - other[1])
+            - inter
+        )
+        if union > 0 and inter / union >= 0.5:
+            return True
+    return False
 
 
 def _call_masker(

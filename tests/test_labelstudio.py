@@ -460,6 +460,25 @@ def test_keypoints_on_one_object_refine_it_and_keypoints_elsewhere_start_another
     assert masks["cat"][0][51, 52] and masks["cat"][1][50, 150]
 
 
+def test_smart_tool_prompts_kept_beside_the_masks_they_made_are_not_new_objects():
+    # What an annotation made with smart tools holds: the clicks and the box that prompted SAM,
+    # the resulting brush masks, and a negative click.
+    first_cat = disk(100, 200, (50, 50), 15)
+    second_cat = np.zeros((100, 200), dtype=bool)
+    second_cat[20:80, 120:180] = True
+    results = [
+        {**keypoint_result(25, 50), "is_positive": True},  # (50, 50) px, inside the cat mask
+        {**keypoint_result(5, 5), "is_positive": False},  # background click
+        {**rectangle_result(60, 20, 30, 60), "is_positive": True},  # the second cat's box
+        brush_result(first_cat),
+        {**brush_result(second_cat), "id": "r2"},
+    ]
+    masker = DiskAroundPoints(100, 200)
+    masks = annotation_to_masks(results, brush_schema(), (100, 200), prompt_masker=masker)
+    assert masker.calls == []
+    assert len(masks["cat"]) == 2
+
+
 def test_boxes_and_keypoints_without_a_prompt_masker_are_an_error():
     with pytest.raises(AnnotationError, match="need SAM"):
         annotation_to_masks([keypoint_result(10, 10)], brush_schema(), (50, 50))
