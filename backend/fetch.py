@@ -555,6 +555,7 @@ def _cache_file(cache_dir: str, hostname: str, url: str) -> str:
 
 
 def _cache_store(path: str, data: bytes) -> None:
+    temporary = None
     try:
         handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".part")
         with os.fdopen(handle, "wb") as out:
@@ -562,6 +563,8 @@ def _cache_store(path: str, data: bytes) -> None:
         os.replace(temporary, path)  # atomic: readers see the old state or the whole file
     except OSError as error:
         log.warning("could not cache a downloaded image: %s", error)
+        if temporary and os.path.exists(temporary):
+            os.unlink(temporary)
 
 
 # ---------------------------------------------------------------------------------------------

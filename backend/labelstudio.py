@@ -16,6 +16,10 @@ alpha channel) through ``label_studio_sdk.converter.brush``; label configs are p
 
 Policies (documented here because the server and the README rely on them):
 
+* **Controls read**: ``BrushLabels``, ``PolygonLabels``, ``RectangleLabels`` and
+  ``KeyPointLabels`` with ``<Label>`` children, on an ``<Image value="$key">``. Bare ``Brush``,
+  ``Polygon``... tags paired with a separate ``<Labels>`` control, and ``valueList`` (multi-page)
+  images, are not read.
 * **Output control**: predictions go to the first ``BrushLabels`` control of the config, else the
   first ``PolygonLabels``, else ``RectangleLabels`` (mask bounding boxes), else ``KeyPointLabels``
   (one point inside each mask, at its pole of inaccessibility).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import json
 import os
 import socket
@@ -245,6 +246,29 @@ def test_presigned_signatures_stay_out_of_messages(label_studio, tmp_path):
 
 # ------------------------------------------------------------------------------------------
 # SSRF guard
+
+
+@pytest.mark.parametrize(
+    "host, port, address, allowed",
+    [
+        ("ls.internal", 8080, "10.1.2.3", True),  # Label Studio on a private network
+        ("ls.internal", 8080, "127.0.0.1", True),
+        ("ls.internal", 9999, "10.1.2.3", False),  # same host, another port: not Label Studio
+        ("ls.internal", 8080, "169.254.169.254", False),  # metadata, even for Label Studio
+        ("ls.internal", 8080, "fe80::1", False),
+        ("minio.lan", 9000, "192.168.1.5", True),  # explicitly allowed
+        ("bucket.s3.example", 443, "52.1.2.3", True),  # a public host Label Studio redirects to
+        ("bucket.s3.example", 443, "10.0.0.1", False),
+        ("bucket.s3.example", 443, "::ffff:10.0.0.1", False),  # IPv4-mapped private
+        ("bucket.s3.example", 443, "100.64.0.1", False),  # carrier-grade NAT
+        ("bucket.s3.example", 443, "0.0.0.0", False),
+        ("bucket.s3.example", 443, "fd00:ec2::254", False),
+    ],
+)
+def test_address_rules(host, port, address, allowed):
+    policy = fetch.HostPolicy.build("http://ls.internal:8080", ["minio.lan:9000", "*"])
+    problem = policy.address_problem(host, port, ipaddress.ip_address(address))
+    assert (problem is None) == allowed, problem
 
 
 @pytest.mark.parametrize(
