@@ -44,7 +44,7 @@ from backend.labelstudio import (
     task_image_url,
     task_score,
 )
-from backend.ls_api import LabelStudioAPI, LabelStudioAPIError
+from backend.ls_api import LabelStudioAPI
 from backend.runtime import Runtime, get_runtime
 from backend.store import WAITING_VERSION, ProjectState, StoreError, StoreUnavailable
 from matcher_core import Example, Instance, Reference
@@ -491,6 +491,21 @@ class OneShotModel:
                 errors.append({"task": task.get("id"), "error": str(error)})
                 self.metrics.tasks_predicted.inc("error")
                 results.append([])
+            except StoreError:
+                raise
+            except Exception as error:
+                # An engine bug on one image must not cost the other tasks of the batch.
+                log.exception(
+                    "project %s task %s: prediction failed", state.project_id, task.get("id")
+                )
+                errors.append(
+                    {
+                        "task": task.get("id"),
+                        "error": f"internal error: {type(error).__name__}: {error}",
+                    }
+                )
+                self.metrics.tasks_predicted.inc("error")
+                results.append([])
             slowest = max(slowest, time.monotonic() - task_started)
         response = {"results": results, "model_version": version}
         if errors:
@@ -565,12 +580,15 @@ class OneShotModel:
                 api.post_prediction(
                     task["id"], entry["result"], entry["score"], entry["model_version"]
                 )
-            except (*TASK_INPUT_ERRORS, LabelStudioAPIError, KeyError) as error:
+            except StoreError:
+                raise
+            except Exception as error:  # one failing task must not stop the others
                 self.metrics.predictions_posted.inc("failed")
                 log.warning(
-                    "project %s task %s: background prediction failed: %s",
+                    "project %s task %s: background prediction failed: %s: %s",
                     state.project_id,
                     task.get("id"),
+                    type(error).__name__,
                     error,
                 )
                 continue
