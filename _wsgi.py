@@ -26,7 +26,7 @@ def _build_app():
         # A readable message instead of a traceback in the gunicorn log.
         sys.stderr.write(f"configuration error: {error}\n")
         raise SystemExit(2) from error
-    configure_logging(settings, json_lines=os.environ.get("LOG_FORMAT", "").lower() == "json")
+    configure_logging(settings, json_lines=settings.log_format == "json")
     log.info("settings: %s", settings.describe())
     return create_app(get_runtime())
 

@@ -353,6 +353,9 @@ class OneShotModel:
             return self._predict_interactive(tasks, context, schema, state)
         if not tasks:
             return {"results": [], "model_version": state.model_version}
+        if self.label_config and state.label_config is None:
+            # Background jobs read the config from the store (normally /setup put it there).
+            state = self._record_label_config()
         if state.reference is None:
             log.info(
                 "project %s has no reference yet: %d empty prediction(s); submit one annotation "

@@ -106,6 +106,8 @@ class Settings:
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
+    log_format: str = "text"
+    """``text`` or ``json`` (one JSON object per line, for log collectors)."""
     # --- limits -------------------------------------------------------------------------
     max_request_bytes: int = 64 * 1024 * 1024
     """Largest accepted request body (brush RLE of big images runs to megabytes)."""
@@ -156,6 +158,9 @@ class Settings:
             raise SettingsError(f"JOBS={jobs!r}: use 'thread' or 'rq'")
         if jobs == "rq" and not redis_url:
             raise SettingsError("JOBS=rq needs REDIS_URL")
+        log_format = (_text(env, "LOG_FORMAT", "text") or "text").lower()
+        if log_format not in ("text", "json"):
+            raise SettingsError(f"LOG_FORMAT={log_format!r}: use 'text' or 'json'")
         hosts = tuple(h.strip() for h in (_text(env, "ALLOWED_HOSTS", "") or "").split(",") if h)
         return cls(
             sam_model_type=_text(env, "SAM_MODEL_TYPE", defaults["sam_type"]),
@@ -174,6 +179,7 @@ class Settings:
             basic_auth_user=user,
             basic_auth_pass=password,
             log_level=level,
+            log_format=log_format,
             max_request_bytes=_number(env, "MAX_REQUEST_BYTES", cls.max_request_bytes, int, 1024),
             max_image_bytes=_number(env, "MAX_IMAGE_BYTES", cls.max_image_bytes, int, 1),
             max_image_pixels=_number(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, int, 1),

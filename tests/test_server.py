@@ -31,7 +31,7 @@ from server_helpers import (
 from werkzeug.serving import make_server
 
 from backend.server import create_app
-from backend.store import WAITING_VERSION
+from backend.store import WAITING_VERSION, RedisStore
 
 pytest_plugins = ["server_fixtures"]
 
@@ -648,3 +648,35 @@ def test_predict_with_tasks_that_are_not_a_list_is_a_400(backend):
     answer = client.post("/predict", json=predict_body({"id": 1}))
     assert answer.status_code == 400
     assert "'tasks' must be a list" in answer.json["error"]
+
+
+def test_redis_going_away_is_a_503_with_the_reason_and_state_survives(
+    redis_server, make_runtime, fake_ls
+):
+    runtime = make_runtime(store=RedisStore(redis_server.url), JOBS="thread")
+    client = create_app(runtime).test_client()
+    client.post("/setup", json=setup_body(fake_ls))
+    learn_reference(client, runtime, fake_ls)
+    before = runtime.store.load(str(PROJECT))
+
+    redis_server.kill()
+    url = fake_ls.add_image(PROJECT, "late.png", png_bytes(scene(3)))
+    late = annotation_event(PROJECT, 101, 2, url, [brush_result(square_mask())])
+    for answer in (
+        client.post("/setup", json=setup_body(fake_ls)),
+        client.post("/predict", json=predict_body([task(2, url)])),
+        client.post("/webhook", json=late),
+        client.get("/versions"),
+    ):
+        assert answer.status_code == 503
+        assert "state store unavailable" in answer.json["error"]
+        assert "is unreachable" in answer.json["error"]
+    assert client.get("/health").status_code == 200
+
+    redis_server.start()
+    after = runtime.store.load(str(PROJECT))
+    assert (after.reference, after.model_version) == (before.reference, before.model_version)
+    assert list(runtime.store.examples(str(PROJECT))) == ["annotation:100"]
+    assert client.post("/setup", json=setup_body(fake_ls)).json["model_version"] == (
+        before.model_version
+    )
