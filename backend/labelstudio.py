@@ -830,3 +830,20 @@ def interactive_prompts(
         box,
         label,
     )
+
+
+def label_config_xml(
+    controls: Iterable[tuple[str, str, Iterable[str]]], image_key: str = "image"
+) -> str:
+    """A minimal label config for ``(control tag, control name, labels)`` triples on one image,
+    e.g. ``[("BrushLabels", "label", ["cat"])]`` (used where no project config exists: the
+    command line, exported datasets)."""
+    from xml.sax.saxutils import quoteattr
+
+    body = "".join(
+        f"<{tag} name={quoteattr(name)} toName={quoteattr(image_key)}>"
+        + "".join(f"<Label value={quoteattr(label)}/>" for label in labels)
+        + f"</{tag}>"
+        for tag, name, labels in controls
+    )
+    return f"<View><Image name={quoteattr(image_key)} value={quoteattr('$' + image_key)}/>{body}</View>"
