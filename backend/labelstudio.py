@@ -682,8 +682,8 @@ def _output_values(result_type: str, mask: np.ndarray, height: int, width: int) 
         return [{"points": points, "closed": True} for points in mask_to_polygons(mask)]
     if result_type == RECTANGLE:
         rows, columns = np.nonzero(mask)
-        x0, x1 = columns.min(), columns.max() + 1
-        y0, y1 = rows.min(), rows.max() + 1
+        x0, x1 = int(columns.min()), int(columns.max()) + 1
+        y0, y1 = int(rows.min()), int(rows.max()) + 1
         return [
             {
                 "x": 100.0 * x0 / width,
@@ -748,7 +748,7 @@ def _interior_point(mask: np.ndarray) -> tuple[float, float]:
         np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE
     )[1:-1, 1:-1]
     row, column = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return column + 0.5, row + 0.5
+    return int(column) + 0.5, int(row) + 0.5
 
 
 def task_score(instances: Iterable[Instance]) -> float:
@@ -830,3 +830,20 @@ def interactive_prompts(
         box,
         label,
     )
+
+
+def label_config_xml(
+    controls: Iterable[tuple[str, str, Iterable[str]]], image_key: str = "image"
+) -> str:
+    """A minimal label config for ``(control tag, control name, labels)`` triples on one image,
+    e.g. ``[("BrushLabels", "label", ["cat"])]`` (used where no project config exists: the
+    command line, exported datasets)."""
+    from xml.sax.saxutils import quoteattr
+
+    body = "".join(
+        f"<{tag} name={quoteattr(name)} toName={quoteattr(image_key)}>"
+        + "".join(f"<Label value={quoteattr(label)}/>" for label in labels)
+        + f"</{tag}>"
+        for tag, name, labels in controls
+    )
+    return f"<View><Image name={quoteattr(image_key)} value={quoteattr('$' + image_key)}/>{body}</View>"

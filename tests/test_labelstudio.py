@@ -526,6 +526,18 @@ def test_rectangle_output_when_the_config_only_has_boxes():
     assert (value["x"], value["y"], value["width"], value["height"]) == pytest.approx(
         (30, 20, 50, 20)
     )
+    assert all(type(value[key]) is float for key in ("x", "y", "width", "height"))
+
+
+def test_keypoint_output_lies_inside_the_object_even_when_its_centroid_does_not():
+    schema = parse_label_config(
+        '<View><Image name="i" value="$im"/>'
+        '<KeyPointLabels name="k" toName="i"><Label value="cat"/></KeyPointLabels></View>'
+    )
+    ring = disk(60, 80, (40, 30), 20) & ~disk(60, 80, (40, 30), 12)  # centre (40, 30) is a hole
+    (result,) = instances_to_results([Instance.from_mask("cat", ring, 0.7)], schema, (60, 80))
+    x, y = result["value"]["x"] * 80 / 100, result["value"]["y"] * 60 / 100
+    assert ring[int(y), int(x)]
 
 
 def test_prediction_ids_are_unique_and_stable_for_one_model_version():
