@@ -32,6 +32,7 @@ from werkzeug.serving import make_server
 
 from backend.server import create_app
 from backend.store import WAITING_VERSION, RedisStore
+from matcher_core import Reference
 
 pytest_plugins = ["server_fixtures"]
 
@@ -254,7 +255,7 @@ def test_health_answers_fast_while_a_prediction_runs(make_runtime, fake_ls):
 
 
 def test_smart_tools_return_sams_mask_for_a_keypoint_and_a_box(backend, fake_ls):
-    client, _ = backend  # no reference needed for smart tools
+    client, runtime = backend  # no reference needed for smart tools
     url = fake_ls.add_image(PROJECT, "smart.png", png_bytes(scene(3)))
     keypoint = {
         "from_name": "kp",
@@ -273,15 +274,21 @@ def test_smart_tools_return_sams_mask_for_a_keypoint_and_a_box(backend, fake_ls)
         "original_height": IMAGE_SIZE[0],
         "value": {"x": 25, "y": 25, "width": 37.5, "height": 41.7, "rectanglelabels": ["Dog"]},
     }
+    engine = runtime.segmenter()
+    encoder_calls = []
     for region in (keypoint, rectangle):
         answer = client.post(
             "/predict", json=predict_body([task(3, url)], context={"result": [region]})
         )
+        encoder_calls.append(engine.encoder_calls)
         assert answer.status_code == 200, answer.json
         (entry,) = answer.json["results"]
-        for result in entry["result"]:
-            assert result["value"]["brushlabels"] == ["Dog"]
-            assert decoded_mask(result).shape == IMAGE_SIZE
+        (result,) = entry["result"]
+        assert result["value"]["brushlabels"] == ["Dog"]
+        assert decoded_mask(result).any()
+        assert decoded_mask(result).shape == IMAGE_SIZE
+    # The second prompt on the same image reused the cached embedding: no encoder pass.
+    assert encoder_calls[1] == encoder_calls[0]
 
 
 def test_start_training_rebuilds_from_label_studio_to_the_incremental_version(backend, fake_ls):
@@ -334,6 +341,69 @@ def test_deleting_the_reference_annotation_promotes_the_next_one(backend, fake_l
 
 
 @needs_segment
+def _polygon(mask_box=(15, 20, 40, 50)) -> dict:
+    y0, x0, y1, x1 = mask_box
+    height, width = IMAGE_SIZE
+    points = [
+        [100 * x / width, 100 * y / height] for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))
+    ]
+    return {
+        "from_name": "poly",
+        "to_name": "image",
+        "type": "polygonlabels",
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {"points": points, "closed": True, "polygonlabels": ["Cat"]},
+    }
+
+
+def _rectangle() -> dict:
+    height, width = IMAGE_SIZE
+    return {
+        "from_name": "box",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {"x": 25, "y": 25, "width": 37.5, "height": 41.7, "rectanglelabels": ["Cat"]},
+    }
+
+
+def _keypoint() -> dict:
+    height, width = IMAGE_SIZE
+    return {
+        "from_name": "kp",
+        "to_name": "image",
+        "type": "keypointlabels",
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {"x": 43.75, "y": 45.0, "width": 1, "keypointlabels": ["Cat"]},
+    }
+
+
+@pytest.mark.parametrize("region", [_polygon, _rectangle, _keypoint])
+def test_polygons_boxes_and_keypoints_make_a_reference_too(backend, fake_ls, region):
+    config = LABEL_CONFIG.replace(
+        "</View>",
+        '<PolygonLabels name="poly" toName="image"><Label value="Cat"/></PolygonLabels></View>',
+    )
+    client, runtime = backend
+    client.post("/setup", json=setup_body(fake_ls, schema=config))
+    url = fake_ls.add_image(PROJECT, "shape.png", png_bytes(scene(0)))
+    event = annotation_event(PROJECT, 100, 1, url, [region()], label_config=config)
+
+    assert client.post("/webhook", json=event).status_code == 200
+    assert runtime.jobs.wait_idle(60)
+
+    state = runtime.store.load(str(PROJECT))
+    assert state.model_version != WAITING_VERSION, state.last_error
+    (shot,) = Reference.from_bytes(state.reference).labels["Cat"].shots
+    assert shot.patch_mask.max() > 0  # the region covers part of the image
+
+
 def test_metrics_are_prometheus_text(backend, fake_ls):
     client, runtime = backend
     learn_reference(client, runtime, fake_ls)
@@ -430,8 +500,6 @@ def test_an_unknown_label_next_to_a_known_one_is_skipped(backend, fake_ls):
     event = annotation_event(PROJECT, 100, 1, url, [brush_result(square_mask()), unknown])
     assert client.post("/webhook", json=event).status_code == 200
     assert runtime.jobs.wait_idle(60)
-    from matcher_core import Reference
-
     reference = Reference.from_bytes(runtime.store.load(str(PROJECT)).reference)
     assert list(reference.labels) == ["Cat"]
 
@@ -477,6 +545,11 @@ def test_label_studio_errors_and_outages_fail_their_tasks_with_the_status(backen
     answer = client.post("/predict", json=predict_body([missing]))
     assert answer.json["results"] == [[]]
     assert "404" in answer.json["errors"][0]["error"]
+
+    forbidden = task(5, f"{fake_ls.url}/status/403")  # a file Label Studio refuses to serve
+    answer = client.post("/predict", json=predict_body([forbidden]))
+    assert answer.json["results"] == [[]]
+    assert "403" in answer.json["errors"][0]["error"]
 
     fake_ls.token = "another-token"  # the backend's key no longer works
     url = fake_ls.add_image(PROJECT, "denied.png", png_bytes(scene(1)))
