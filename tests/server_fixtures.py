@@ -3,7 +3,6 @@ a fake Label Studio, a real redis-server, and runtimes on one shared tiny random
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import threading
@@ -18,10 +17,6 @@ from backend.metrics import Metrics
 from backend.runtime import Runtime, set_runtime
 from backend.settings import Settings
 from backend.store import SQLiteStore
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-
 
 # ---------------------------------------------------------------------------------------------
 # A fake Label Studio (files, export, predictions), served on 127.0.0.1
