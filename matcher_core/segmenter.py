@@ -16,7 +16,6 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from . import matcher, persam, persam_f
 from .cache import EmbeddingCache, image_key
 from .config import SegmenterConfig
 from .features import ImageFeatures, PatchEncoder, SamImageEncoder, pool_mask_to_grid
@@ -175,10 +174,7 @@ class OneShotSegmenter:
             label_ref = reference.labels.get(label)
             if label_ref is None or not label_ref.shots:
                 continue
-            if self.config.mode == "persam":
-                found = persam.segment_label(self, target, label_ref)
-            else:
-                found = matcher.segment_label(self, target, label_ref)
+            found = self._pipeline().segment_label(self, target, label_ref)
             threshold = (
                 label_ref.score_threshold
                 if label_ref.score_threshold is not None
@@ -186,6 +182,53 @@ class OneShotSegmenter:
             )
             instances.extend(i for i in found if i.score >= threshold)
         return instances
+
+    def segment_from_prompts(
+        self,
+        image: np.ndarray,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, float]:
+        """SAM's mask for explicit prompts (interactive smart tools; boxes turned into masks).
+
+        Args:
+            image: ``(H, W, 3)`` uint8 RGB (its embedding is cached).
+            points: ``(N, 2)`` XY original pixels; ``point_labels``: ``(N,)`` 1 positive, 0 negative.
+            box: ``(4,)`` XYXY original pixels.
+
+        Returns:
+            ``(H, W)`` bool mask (SAM's best of 3 by predicted IoU) and that predicted IoU.
+        """
+        if points is None and box is None:
+            raise ValueError("give at least one point or a box")
+        features = self.features(image)
+        size = features.original_size
+        coords = labels = boxes = None
+        if points is not None and len(points):
+            coords = torch.from_numpy(self.decoder.to_input_coords(np.asarray(points), size))[None]
+            labels = torch.as_tensor(np.asarray(point_labels), dtype=torch.int64)[None]
+        if box is not None:
+            corners = self.decoder.to_input_coords(np.asarray(box, np.float32).reshape(2, 2), size)
+            boxes = torch.from_numpy(corners.reshape(1, 4))
+        with self.timed("decoding"):
+            out = self.decoder.decode(features.sam_embedding, coords, labels, boxes, multimask=True)
+        best = int(out.iou_predictions[0].argmax())
+        logits = self.decoder.upscale(
+            out.low_res_logits[:, best : best + 1], features.input_size, size
+        )
+        mask = (logits[0, 0] > self.decoder.mask_threshold).cpu().numpy()
+        return mask, float(out.iou_predictions[0, best].clamp(0, 1))
+
+    def _pipeline(self):
+        # Imported here: the pipelines import this module's types.
+        if self.config.mode == "persam":
+            from . import persam
+
+            return persam
+        from . import matcher
+
+        return matcher
 
     def train_mask_weights(self, reference: Reference, examples: Iterable[Example]) -> dict:
         """PerSAM-F: learn each label's 3-way mask blend on ``examples``; returns a report per label."""
@@ -197,6 +240,8 @@ class OneShotSegmenter:
                 union = np.any([m.astype(bool) for m in masks], axis=0) if masks else None
                 if union is not None and union.any() and label in reference.labels:
                     per_label[label].append((features, union))
+        from . import persam_f
+
         reports = {}
         for label, pairs in per_label.items():
             with self.timed("persam_f"):
