@@ -36,11 +36,13 @@ def sizes(model: torch.nn.Module) -> tuple[float, float]:
     return params / 1e6, state_bytes / 2**20
 
 
-def timed(call, repeats: int) -> float:
-    call()  # warm-up (allocations, first-call overheads)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        call()
+def timed(encode, image: np.ndarray, repeats: int) -> float:
+    """Mean seconds of ``encode(image)`` after one warm-up call."""
+    with torch.inference_mode():
+        encode(image)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            encode(image)
     return (time.perf_counter() - start) / repeats
 
 
@@ -73,8 +75,7 @@ def main() -> None:
         sam = load_sam(config)
         encoder = SamImageEncoder(sam)
         params, mib = sizes(sam)
-        with torch.inference_mode():
-            seconds = timed(lambda: encoder(image), args.repeats)
+        seconds = timed(encoder, image, args.repeats)
         print(
             f"| SAM {sam_type} (image encoder) | {params:.0f} | {mib:.0f} | {seconds:.1f} | "
             f"{peak_rss_mib():.0f} |",
@@ -89,7 +90,7 @@ def main() -> None:
         model = load_encoder(config)
         encoder = PatchEncoder(model, config.encoder_input_size)
         params, mib = sizes(model)
-        seconds = timed(lambda: encoder(image), args.repeats)
+        seconds = timed(encoder, image, args.repeats)
         print(
             f"| {name} @{config.encoder_input_size} | {params:.0f} | {mib:.0f} | {seconds:.1f} | "
             f"{peak_rss_mib():.0f} |",
