@@ -129,9 +129,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
             )
         (out / f"{path.stem}.json").write_text(json.dumps(summary, indent=2))
         if args.label_studio_json:
-            from backend.labelstudio import instances_to_results, schema_for_output
+            from backend.labelstudio import (
+                instances_to_results,
+                label_config_xml,
+                parse_label_config,
+            )
 
-            schema = schema_for_output(args.label_studio_json, list(example.masks))
+            tag = {"brush": "BrushLabels", "polygon": "PolygonLabels"}[args.label_studio_json]
+            schema = parse_label_config(label_config_xml([(tag, "label", list(example.masks))]))
             results = instances_to_results(instances, schema, image.shape[:2])
             (out / f"{path.stem}.labelstudio.json").write_text(
                 json.dumps(

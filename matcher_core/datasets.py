@@ -85,7 +85,9 @@ def labelstudio_export_dataset(
 ) -> dict[str, list[Sample]]:
     """Categories (labels) of a Label Studio JSON export: one sample per task and label, the mask
     being the union of that label's regions in the task's first annotation."""
-    from backend.labelstudio import annotation_to_masks, parse_label_config_for_export
+    from backend.labelstudio import annotation_to_masks, label_config_xml, parse_label_config
+
+    tags = {"brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels"}
 
     tasks = json.loads(Path(export).read_text())
     if not isinstance(tasks, list):
@@ -96,11 +98,21 @@ def labelstudio_export_dataset(
         annotations = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
         if not annotations:
             continue
-        results = annotations[0].get("result", [])
-        schema = parse_label_config_for_export(results)
+        results = [r for r in annotations[0].get("result", []) if r.get("type") in tags]
         url = next((v for v in task.get("data", {}).values() if isinstance(v, str)), None)
         if url is None or not results:
             continue
+        # Exports carry no label config: rebuild the controls the results name.
+        controls: dict[tuple[str, str], set[str]] = {}
+        for r in results:
+            labels = r.get("value", {}).get(r["type"], [])
+            controls.setdefault((tags[r["type"]], r["from_name"]), set()).update(labels)
+        to_name = results[0].get("to_name", "image")
+        schema = parse_label_config(
+            label_config_xml(
+                [(tag, name, sorted(labels)) for (tag, name), labels in controls.items()], to_name
+            )
+        )
         height, width = results[0]["original_height"], results[0]["original_width"]
         image_path = _local_image_path(url, image_root)
         for label, masks in annotation_to_masks(results, schema, (height, width)).items():

@@ -222,9 +222,13 @@ class OneShotSegmenter:
 
     def _pipeline(self):
         # Imported here: the pipelines import this module's types.
-        from . import matcher, persam
+        if self.config.mode == "persam":
+            from . import persam
 
-        return persam if self.config.mode == "persam" else matcher
+            return persam
+        from . import matcher
+
+        return matcher
 
     def train_mask_weights(self, reference: Reference, examples: Iterable[Example]) -> dict:
         """PerSAM-F: learn each label's 3-way mask blend on ``examples``; returns a report per label."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import disc_image
 
+from conftest import disc_image
 from matcher_core import Example, Reference
 from matcher_core.cache import EmbeddingCache, image_key
 from matcher_core.features import patch_centres, pool_mask_to_grid
