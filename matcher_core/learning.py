@@ -224,14 +224,8 @@ def _object_features(shots: list[Shot]) -> np.ndarray:
 def _segment_label(
     segmenter: OneShotSegmenter, features: ImageFeatures, label_ref: LabelReference
 ) -> list[Instance]:
-    """Every instance the configured pipeline finds, before any score threshold."""
-    if segmenter.config.mode == "persam":
-        from . import persam
-
-        return persam.segment_label(segmenter, features, label_ref)
-    from . import matcher
-
-    return matcher.segment_label(segmenter, features, label_ref)
+    """Every instance the configured pipeline (Matcher or PerSAM) finds, before any threshold."""
+    return segmenter._pipeline().segment_label(segmenter, features, label_ref)
 
 
 def _task_key(task_id: int | str | None) -> tuple:

@@ -1,7 +1,9 @@
 """The Matcher pipeline (Matcher, ICLR 2024) for one label on one target image.
 
 1. *matching*: bidirectional Hungarian matching of the reference object's patches to the target's
-   (:mod:`matcher_core.matching`); a target with too few or too poor matches is rejected here, so
+   (:mod:`matcher_core.matching`), several shots pooled by consensus; matched points that look
+   more like the label's negative evidence than like the reference are dropped. A target with too
+   few or too poor matches, or one that looks like what annotators deleted, is rejected here, so
    a target without the object returns nothing.
 2. *prompts*: k-means over the matched points and part-level, instance-level and global prompt
    sets (:mod:`matcher_core.prompts`).

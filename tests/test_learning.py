@@ -471,3 +471,13 @@ def test_consensus_pooling_keeps_the_points_the_shots_agree_on():
     # One shot: both poolings are that shot's matches.
     single = pool_matches(shots[:1], "consensus")
     assert single.target_indices.tolist() == [1, 2, 9]
+
+
+def test_learning_works_in_persam_mode(tiny_case):
+    segmenter, reference, a, b, c = tiny_case
+    persam = OneShotSegmenter.__new__(OneShotSegmenter)
+    persam.__dict__.update(segmenter.__dict__)
+    persam.config = segmenter.config.replace(mode="persam")
+    learned, report = learn(persam, reference, [a, b, c], train_weights=PERSAM_F)
+    assert report.labels["thing"]["shots"] == 3
+    assert learn(persam, learned, [c, b, a], train_weights=PERSAM_F)[1].version == report.version
