@@ -103,3 +103,18 @@ class Backend:
     url: str
     log: Path
     model_dir: Path
+
+
+def prometheus_value(metrics_text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """The value of one sample in a Prometheus text exposition (0 when it is absent, as an
+    unincremented counter is)."""
+    wanted = name
+    if labels:
+        wanted += "{" + ",".join(f'{key}="{value}"' for key, value in labels.items()) + "}"
+    for line in metrics_text.splitlines():
+        if line.startswith("#"):
+            continue
+        sample, _, value = line.rpartition(" ")
+        if sample == wanted:
+            return float(value)
+    return 0.0
