@@ -128,7 +128,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     """Attach the tails of the Label Studio and backend logs to a failing test's report."""
     outcome = yield
     report = outcome.get_result()
-    if report.when != "call" or not report.failed:
+    if report.when not in ("setup", "call") or not report.failed:
         return
     for name in ("backend", "label_studio"):
         process = getattr(item, "funcargs", {}).get(name)

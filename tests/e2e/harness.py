@@ -33,10 +33,18 @@ def free_port() -> int:
 
 
 def tail(path: Path, lines: int = 60) -> str:
-    """The last ``lines`` lines of a log file (empty when it does not exist)."""
+    """The last ``lines`` distinct lines of a log file (empty when it does not exist).
+
+    Runs of identical lines collapse to one: Label Studio logs each request twice, and polling
+    repeats the same line many times.
+    """
     if not path.exists():
         return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    kept: list[str] = []
+    for line in path.read_text(errors="replace").splitlines():
+        if not kept or line != kept[-1]:
+            kept.append(line)
+    return "\n".join(kept[-lines:])
 
 
 def stop_process_group(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
