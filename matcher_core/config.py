@@ -74,7 +74,8 @@ class SegmenterConfig:
     min_coverage: float = 0.0
     """Proposals below these are dropped before ranking."""
     top_proposals: int = 8
-    """How many of the best proposals go on to merging into instances."""
+    """How many instance candidates (groups of overlapping proposals, best first) are kept after
+    merging; capping raw proposals instead would keep copies of one object only."""
     merge_iou: float = 0.5
     """Proposals overlapping at least this much (IoU) are the same instance."""
 

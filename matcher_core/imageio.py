@@ -54,7 +54,7 @@ def load_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         peak = array.max() or 1.0
-        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8))
+        image = Image.fromarray(np.rint(array * (255.0 / peak)).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from . import matcher, persam, persam_f
 from .cache import EmbeddingCache, image_key
 from .config import SegmenterConfig
 from .features import ImageFeatures, PatchEncoder, SamImageEncoder, pool_mask_to_grid
@@ -175,10 +174,7 @@ class OneShotSegmenter:
             label_ref = reference.labels.get(label)
             if label_ref is None or not label_ref.shots:
                 continue
-            if self.config.mode == "persam":
-                found = persam.segment_label(self, target, label_ref)
-            else:
-                found = matcher.segment_label(self, target, label_ref)
+            found = self._pipeline().segment_label(self, target, label_ref)
             threshold = (
                 label_ref.score_threshold
                 if label_ref.score_threshold is not None
@@ -224,6 +220,16 @@ class OneShotSegmenter:
         mask = (logits[0, 0] > self.decoder.mask_threshold).cpu().numpy()
         return mask, float(out.iou_predictions[0, best].clamp(0, 1))
 
+    def _pipeline(self):
+        # Imported here: the pipelines import this module's types.
+        if self.config.mode == "persam":
+            from . import persam
+
+            return persam
+        from . import matcher
+
+        return matcher
+
     def train_mask_weights(self, reference: Reference, examples: Iterable[Example]) -> dict:
         """PerSAM-F: learn each label's 3-way mask blend on ``examples``; returns a report per label."""
         self._check_model(reference)
@@ -234,6 +240,8 @@ class OneShotSegmenter:
                 union = np.any([m.astype(bool) for m in masks], axis=0) if masks else None
                 if union is not None and union.any() and label in reference.labels:
                     per_label[label].append((features, union))
+        from . import persam_f
+
         reports = {}
         for label, pairs in per_label.items():
             with self.timed("persam_f"):

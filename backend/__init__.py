@@ -1,0 +1,1 @@
+"""Label Studio ML backend around the one-shot engine (``matcher_core``)."""

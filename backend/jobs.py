@@ -1,0 +1,293 @@
+"""Background work: trainings (one per project at a time, bursts coalesced) and predictions of
+batches too long for Label Studio's 100 s timeout, posted to its API.
+
+Two runners with one interface (:class:`Jobs`):
+
+* :class:`ThreadJobs` (default): threads inside the web process;
+* :class:`RQJobs` (when ``REDIS_URL`` is set, unless ``JOBS=thread``): jobs go to a Redis queue and
+  run on RQ workers (``rq worker -u $REDIS_URL oneshot``), possibly on several GPU machines.
+
+Coalescing: a training request sets a per-project *requested* flag; only the request that sets it
+starts (or enqueues) a training. That training waits ``TRAIN_DEBOUNCE`` seconds, clears the flag,
+then trains on everything stored at that moment. Requests arriving during the training set the
+flag again and cause exactly one more training: a burst of N events gives 1-2 trainings.
+A store lock (``train:<project>``) keeps trainings of one project sequential across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from .store import StoreError
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+QUEUE_NAME = "oneshot"
+TRAIN_LOCK_TTL = 1800.0
+"""Seconds a training holds its project's lock at most (a crashed holder frees it then)."""
+PREDICT_CHUNK = 16
+"""Tasks per background prediction job (several RQ workers share a long batch)."""
+
+
+class Jobs(Protocol):
+    """Where background work goes."""
+
+    description: str
+
+    def request_training(self, project_id: str, full: bool = False) -> None:
+        """Ask for a training of ``project_id`` (``full``: refetch all annotations from Label
+        Studio and rebuild from scratch). Returns at once; coalesced with other requests."""
+
+    def submit_predictions(self, project_id: str, tasks: list[dict]) -> list[str]:
+        """Predict ``tasks`` in the background and post the predictions to Label Studio;
+        returns job ids."""
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no job is queued or running (tests); False on timeout."""
+
+    def shutdown(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# The work itself (module-level functions so RQ workers can import them)
+# ---------------------------------------------------------------------------------------------
+
+
+def train_with_project_lock(runtime: Runtime, project_id: str, full: bool) -> None:
+    """Run one training of ``project_id`` while holding its store lock (waits for the lock)."""
+    from model import OneShotModel
+
+    lock_name = f"train:{project_id}"
+    token = None
+    deadline = time.monotonic() + TRAIN_LOCK_TTL
+    while token is None:
+        token = runtime.store.acquire_lock(lock_name, TRAIN_LOCK_TTL)
+        if token is None:
+            if time.monotonic() > deadline:
+                raise StoreError(f"project {project_id}: training lock held for too long")
+            time.sleep(0.25)
+    try:
+        OneShotModel(project_id=project_id, runtime=runtime).train(full=full)
+    finally:
+        runtime.store.release_lock(lock_name, token)
+
+
+def predict_and_post(runtime: Runtime, project_id: str, tasks: list[dict]) -> None:
+    from model import OneShotModel
+
+    OneShotModel(project_id=project_id, runtime=runtime).predict_and_post(tasks)
+
+
+def _pop_flag(store, name: str) -> bool:
+    """Whether the flag ``name`` (a store lock used as a flag) was set; clears it."""
+    probe = store.acquire_lock(name, 1.0)
+    store.release_lock(name)
+    return probe is None
+
+
+def _requested_key(project_id: str) -> str:
+    return f"train-requested:{project_id}"
+
+
+def _full_key(project_id: str) -> str:
+    return f"train-full:{project_id}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _TrainSlot:
+    running: bool = False
+    requested: bool = False
+    full: bool = False
+
+
+class ThreadJobs:
+    """Background threads in the current process."""
+
+    description = "threads"
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        debounce: float,
+        train: Callable[[str, bool], None] | None = None,
+        predict: Callable[[str, list[dict]], None] | None = None,
+    ):
+        self.runtime = runtime
+        self.debounce = debounce
+        self._train = train or (lambda pid, full: train_with_project_lock(runtime, pid, full))
+        self._predict = predict or (lambda pid, tasks: predict_and_post(runtime, pid, tasks))
+        self._slots: dict[str, _TrainSlot] = {}
+        self._lock = threading.Condition()
+        self._pending_predictions = 0
+        self._predict_pool = ThreadPoolExecutor(1, thread_name_prefix="oneshot-predict")
+
+    def request_training(self, project_id: str, full: bool = False) -> None:
+        with self._lock:
+            slot = self._slots.setdefault(project_id, _TrainSlot())
+            slot.requested = True
+            slot.full = slot.full or full
+            if slot.running:
+                return  # the running loop trains once more after its current pass
+            slot.running = True
+        threading.Thread(
+            target=self._train_loop,
+            args=(project_id,),
+            name=f"oneshot-train-{project_id}",
+            daemon=True,
+        ).start()
+
+    def _train_loop(self, project_id: str) -> None:
+        while True:
+            time.sleep(self.debounce)  # let a burst of events arrive: they train together
+            with self._lock:
+                slot = self._slots[project_id]
+                if not slot.requested:
+                    slot.running = False
+                    self._lock.notify_all()
+                    return
+                full, slot.full, slot.requested = slot.full, False, False
+            try:
+                self._train(project_id, full)
+            except Exception:
+                log.exception("training of project %s failed", project_id)
+
+    def submit_predictions(self, project_id: str, tasks: list[dict]) -> list[str]:
+        ids = []
+        for start in range(0, len(tasks), PREDICT_CHUNK):
+            chunk = tasks[start : start + PREDICT_CHUNK]
+            with self._lock:
+                self._pending_predictions += 1
+            self._predict_pool.submit(self._run_prediction, project_id, chunk)
+            ids.append(f"thread-{uuid.uuid4().hex[:12]}")
+        return ids
+
+    def _run_prediction(self, project_id: str, tasks: list[dict]) -> None:
+        try:
+            self._predict(project_id, tasks)
+        except Exception:
+            log.exception("background prediction for project %s failed", project_id)
+        finally:
+            with self._lock:
+                self._pending_predictions -= 1
+                self._lock.notify_all()
+
+    def busy(self) -> bool:
+        with self._lock:
+            return self._pending_predictions > 0 or any(s.running for s in self._slots.values())
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._pending_predictions > 0 or any(s.running for s in self._slots.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(left)
+        return True
+
+    def shutdown(self) -> None:
+        self._predict_pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# RQ
+# ---------------------------------------------------------------------------------------------
+
+
+def rq_train(project_id: str) -> None:
+    """RQ job: one coalesced training of ``project_id`` (see the module docstring)."""
+    from .runtime import get_runtime
+
+    runtime = get_runtime()
+    time.sleep(runtime.settings.train_debounce)
+    store = runtime.store
+    # Clear the flag before reading anything: a request arriving from now on enqueues a new job.
+    store.release_lock(_requested_key(project_id))
+    train_with_project_lock(runtime, project_id, _pop_flag(store, _full_key(project_id)))
+
+
+def rq_predict(project_id: str, tasks: list[dict]) -> None:
+    """RQ job: predict ``tasks`` and post the predictions to Label Studio."""
+    from .runtime import get_runtime
+
+    predict_and_post(get_runtime(), project_id, tasks)
+
+
+class RQJobs:
+    """Jobs in a Redis queue, run by ``rq worker`` processes."""
+
+    def __init__(self, runtime: Runtime, redis_url: str, queue_name: str = QUEUE_NAME):
+        import redis
+        from rq import Queue
+
+        self.runtime = runtime
+        self.connection = redis.Redis.from_url(redis_url, socket_connect_timeout=3)
+        self.queue = Queue(queue_name, connection=self.connection, default_timeout=3600)
+        self.description = f"rq queue {queue_name!r}"
+
+    def request_training(self, project_id: str, full: bool = False) -> None:
+        store = self.runtime.store
+        if full:
+            store.acquire_lock(_full_key(project_id), 86400.0)
+        # Only the request that sets the flag enqueues; the others ride on that job.
+        if store.acquire_lock(_requested_key(project_id), 86400.0) is None:
+            return
+        try:
+            self.queue.enqueue(
+                rq_train, project_id, job_id=f"train-{project_id}-{uuid.uuid4().hex[:12]}"
+            )
+        except Exception:
+            store.release_lock(_requested_key(project_id))
+            raise
+
+    def submit_predictions(self, project_id: str, tasks: list[dict]) -> list[str]:
+        ids = []
+        for start in range(0, len(tasks), PREDICT_CHUNK):
+            job = self.queue.enqueue(
+                rq_predict,
+                project_id,
+                tasks[start : start + PREDICT_CHUNK],
+                job_id=f"predict-{project_id}-{uuid.uuid4().hex[:12]}",
+            )
+            ids.append(job.id)
+        return ids
+
+    def wait_idle(self, timeout: float) -> bool:
+        from rq.registry import StartedJobRegistry
+
+        deadline = time.monotonic() + timeout
+        started = StartedJobRegistry(queue=self.queue)
+        while self.queue.count or started.count:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def shutdown(self) -> None:
+        self.connection.close()
+
+
+def make_jobs(runtime: Runtime) -> Jobs:
+    """RQ when ``REDIS_URL`` is set (unless ``JOBS=thread``), else threads."""
+    settings = runtime.settings
+    if settings.jobs == "rq" and settings.redis_url:
+        jobs: Jobs = RQJobs(runtime, settings.redis_url)
+    else:
+        jobs = ThreadJobs(runtime, settings.train_debounce)
+    log.info("background jobs: %s", jobs.description)
+    return jobs

@@ -1,0 +1,238 @@
+"""Every setting of the backend, read once from the environment into one dataclass.
+
+Model defaults fit the hardware: on a CPU SAM ``vit_b`` and DINOv2 ViT-S/14 (about 0.4 GB of
+weights), on a GPU SAM ``vit_h`` and DINOv2 ViT-L/14 (about 3.7 GB). ``ONESHOT_RANDOM_WEIGHTS=1``
+replaces both by tiny randomly initialised models for smoke runs and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+from matcher_core.config import PRESETS, SegmenterConfig, tiny_config
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULTS = {"sam_type": "vit_b", "encoder": "vit_small_patch14_dinov2.lvd142m"}
+GPU_DEFAULTS = {"sam_type": "vit_h", "encoder": "vit_large_patch14_dinov2.lvd142m"}
+MODES = ("matcher", "persam")
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the backend cannot use."""
+
+
+def _text(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    value = env.get(name)
+    if value is None or not value.strip():
+        return default
+    return value.strip()
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    value = env.get(name)
+    if value is None:
+        return default
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise SettingsError(f"{name}={value!r}: expected one of 1/0, true/false, yes/no, on/off")
+
+
+def _number(env: Mapping[str, str], name: str, default: float, kind: type = float, minimum=0):
+    value = env.get(name)
+    if value is None or not value.strip():
+        return default
+    try:
+        number = kind(value.strip())
+    except ValueError:
+        raise SettingsError(f"{name}={value!r}: expected a {kind.__name__}") from None
+    if number < minimum:
+        raise SettingsError(f"{name}={value!r}: must be at least {minimum}")
+    return number
+
+
+def gpu_available() -> bool:
+    """Whether torch sees a CUDA device (imported lazily: reading settings stays cheap)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def redact_url(url: str | None) -> str | None:
+    """``url`` with any password replaced by ``***`` (for logs and error messages)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The backend's configuration (see the README for what each choice costs)."""
+
+    # --- models -------------------------------------------------------------------------
+    sam_model_type: str = "vit_b"
+    sam_checkpoint: str | None = None
+    encoder: str = CPU_DEFAULTS["encoder"]
+    encoder_checkpoint: str | None = None
+    device: str = "auto"
+    model_dir: str = "./model_dir"
+    """Checkpoints, the SQLite state store and the image download cache live here."""
+    random_weights: bool = False
+    mode: str = "matcher"
+    preset: str | None = None
+    # --- services -----------------------------------------------------------------------
+    redis_url: str | None = field(default=None, repr=False)
+    jobs: str = "thread"
+    """Where background work runs: ``thread`` (in the web process) or ``rq`` (Redis queue, run by
+    ``rq worker``); default ``rq`` when ``REDIS_URL`` is set."""
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = field(default=None, repr=False)
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = field(default=None, repr=False)
+    log_level: str = "INFO"
+    log_format: str = "text"
+    """``text`` or ``json`` (one JSON object per line, for log collectors)."""
+    # --- limits -------------------------------------------------------------------------
+    max_request_bytes: int = 64 * 1024 * 1024
+    """Largest accepted request body (brush RLE of big images runs to megabytes)."""
+    max_image_bytes: int = 100 * 1024 * 1024
+    max_image_pixels: int = 64_000_000
+    """Images with more pixels are refused (decompression bombs)."""
+    fetch_timeout: float = 30.0
+    allowed_hosts: tuple[str, ...] = ()
+    """Extra hosts images may be downloaded from, besides Label Studio's own."""
+    predict_time_budget: float = 60.0
+    """Seconds one ``/predict`` call may spend; the rest of a batch finishes in the background
+    (Label Studio gives up after 100 s)."""
+    train_debounce: float = 2.0
+    """Seconds a training waits for further events, so a burst of corrections trains once."""
+    max_concurrent_inference: int = 1
+    """Images segmented at the same time by one process (bounds GPU / CPU memory)."""
+    cache_bytes: int = 512 * 1024 * 1024
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from ``env`` (``os.environ`` by default).
+
+        Raises:
+            SettingsError: a variable holds an unusable value (the message names it).
+        """
+        env = os.environ if env is None else env
+        random_weights = _flag(env, "ONESHOT_RANDOM_WEIGHTS")
+        device = _text(env, "DEVICE", "auto")
+        on_gpu = device.startswith("cuda") or (device == "auto" and gpu_available())
+        defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
+        if random_weights:
+            defaults = {"sam_type": "tiny", "encoder": "tiny"}
+        mode = _text(env, "MODE", "matcher").lower()
+        if mode not in MODES:
+            raise SettingsError(f"MODE={mode!r}: choose one of {', '.join(MODES)}")
+        preset = _text(env, "PRESET")
+        if preset is not None and preset not in PRESETS:
+            raise SettingsError(f"PRESET={preset!r}: choose one of {', '.join(sorted(PRESETS))}")
+        user, password = _text(env, "BASIC_AUTH_USER"), _text(env, "BASIC_AUTH_PASS")
+        if (user is None) != (password is None):
+            raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        level = _text(env, "LOG_LEVEL", "INFO").upper()
+        if not isinstance(logging.getLevelName(level), int):
+            raise SettingsError(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
+        redis_url = _text(env, "REDIS_URL")
+        jobs = (_text(env, "JOBS") or ("rq" if redis_url else "thread")).lower()
+        if jobs not in ("thread", "rq"):
+            raise SettingsError(f"JOBS={jobs!r}: use 'thread' or 'rq'")
+        if jobs == "rq" and not redis_url:
+            raise SettingsError("JOBS=rq needs REDIS_URL")
+        log_format = (_text(env, "LOG_FORMAT", "text") or "text").lower()
+        if log_format not in ("text", "json"):
+            raise SettingsError(f"LOG_FORMAT={log_format!r}: use 'text' or 'json'")
+        hosts = tuple(h.strip() for h in (_text(env, "ALLOWED_HOSTS", "") or "").split(",") if h)
+        return cls(
+            sam_model_type=_text(env, "SAM_MODEL_TYPE", defaults["sam_type"]),
+            sam_checkpoint=_text(env, "SAM_CHECKPOINT"),
+            encoder=_text(env, "ENCODER", defaults["encoder"]),
+            encoder_checkpoint=_text(env, "ENCODER_CHECKPOINT"),
+            device=device,
+            model_dir=_text(env, "MODEL_DIR", "./model_dir"),
+            random_weights=random_weights,
+            mode=mode,
+            preset=preset,
+            redis_url=redis_url,
+            jobs=jobs,
+            label_studio_url=_text(env, "LABEL_STUDIO_URL"),
+            label_studio_api_key=_text(env, "LABEL_STUDIO_API_KEY"),
+            basic_auth_user=user,
+            basic_auth_pass=password,
+            log_level=level,
+            log_format=log_format,
+            max_request_bytes=_number(env, "MAX_REQUEST_BYTES", cls.max_request_bytes, int, 1024),
+            max_image_bytes=_number(env, "MAX_IMAGE_BYTES", cls.max_image_bytes, int, 1),
+            max_image_pixels=_number(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, int, 1),
+            fetch_timeout=_number(env, "FETCH_TIMEOUT", cls.fetch_timeout, float, 0.1),
+            allowed_hosts=hosts,
+            predict_time_budget=_number(
+                env, "PREDICT_TIME_BUDGET", cls.predict_time_budget, float, 0.0
+            ),
+            train_debounce=_number(env, "TRAIN_DEBOUNCE", cls.train_debounce, float, 0.0),
+            max_concurrent_inference=_number(
+                env, "MAX_CONCURRENT_INFERENCE", cls.max_concurrent_inference, int, 1
+            ),
+            cache_bytes=_number(env, "CACHE_BYTES", cls.cache_bytes, int, 0),
+        )
+
+    # ----------------------------------------------------------------------------------
+    @property
+    def auth_enabled(self) -> bool:
+        return self.basic_auth_user is not None
+
+    def segmenter_config(self) -> SegmenterConfig:
+        """The engine configuration these settings describe."""
+        if self.random_weights:
+            config = tiny_config(model_dir=self.model_dir)
+            if self.sam_model_type != "tiny" or self.encoder != "tiny":
+                # Random weights of a real-size architecture: allowed, but slow; say so.
+                config = config.replace(
+                    sam_type=self.sam_model_type,
+                    encoder=self.encoder,
+                    encoder_input_size=SegmenterConfig.encoder_input_size,
+                )
+        else:
+            config = SegmenterConfig(
+                sam_type=self.sam_model_type,
+                encoder=self.encoder,
+                model_dir=self.model_dir,
+            )
+        if self.preset:
+            config = config.with_preset(self.preset)
+        return config.replace(
+            mode=self.mode,
+            sam_checkpoint=self.sam_checkpoint,
+            encoder_checkpoint=self.encoder_checkpoint,
+            device=self.device,
+            cache_bytes=self.cache_bytes,
+            max_image_pixels=self.max_image_pixels,
+        )
+
+    def describe(self) -> dict:
+        """The settings without secrets (for the startup log and ``/health``)."""
+        shown = asdict(self)
+        for secret in ("label_studio_api_key", "basic_auth_pass"):
+            shown[secret] = "***" if shown[secret] else None
+        shown["redis_url"] = redact_url(self.redis_url)
+        shown["allowed_hosts"] = list(self.allowed_hosts)
+        return shown

@@ -1,0 +1,527 @@
+"""Persistent per-project state shared by every worker: SQLite in ``MODEL_DIR`` or Redis.
+
+What is kept per project (keyed by Label Studio's project id, never mixed between projects):
+
+* :class:`ProjectState`: the serialised reference, the learned state that goes into the model
+  version, the model version itself, the labeling config (and its hash), the connection details
+  Label Studio gave at ``/setup``;
+* the version history (``/versions``);
+* the annotations received by webhooks (*examples*), kept until they are deleted in Label Studio,
+  so learning can replay them;
+* short-lived named locks (one training per project across processes and machines).
+
+Every write is atomic: :meth:`StateStore.update` runs a read-modify-write in one SQLite
+``BEGIN IMMEDIATE`` transaction (WAL journal, ``synchronous=FULL``) or one Redis ``WATCH`` /
+``MULTI`` / ``EXEC``; a crash or a lost connection mid-write leaves the previous state intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from .settings import Settings, redact_url
+
+log = logging.getLogger(__name__)
+
+WAITING_VERSION = "oneshot-waiting"
+"""Model version served before a project has a reference."""
+
+
+class StoreError(RuntimeError):
+    """The state store failed; nothing was written."""
+
+
+class StoreUnavailable(StoreError):
+    """The state store cannot be reached (Redis down, database locked for too long)."""
+
+
+@dataclass
+class ProjectState:
+    """What the backend knows about one Label Studio project."""
+
+    project_id: str
+    model_version: str = WAITING_VERSION
+    reference: bytes | None = None
+    """:meth:`matcher_core.Reference.to_bytes` of the project's reference, ``None`` until the first
+    annotation with masks has been learned."""
+    reference_source: dict | None = None
+    """Which annotation the reference came from: ``{"annotation_id", "task_id"}``."""
+    learned: dict = field(default_factory=dict)
+    """JSON state learned beyond the reference (filled by learning); part of the model version."""
+    label_config: str | None = None
+    label_config_hash: str | None = None
+    connection: dict = field(default_factory=dict)
+    """``{"hostname", "access_token"}`` from Label Studio's last ``/setup`` (for downloads and
+    posting predictions from background jobs)."""
+    applied_examples: list[str] = field(default_factory=list)
+    """Keys of the stored examples already taken into the reference / learned state."""
+    last_error: str | None = None
+    """The last background failure for this project (shown by ``/versions`` and the logs)."""
+    revision: int = 0
+    """Incremented by every write (lets tests and jobs see that something changed)."""
+    updated_at: float = 0.0
+
+    def header(self) -> dict:
+        """Everything but the reference bytes, as JSON-able data."""
+        data = asdict(self)
+        data.pop("reference")
+        return data
+
+    @staticmethod
+    def from_parts(project_id: str, header: dict | None, reference: bytes | None) -> ProjectState:
+        if header is None:
+            return ProjectState(project_id=project_id)
+        known = {k: v for k, v in header.items() if k in ProjectState.__dataclass_fields__}
+        known["project_id"] = project_id
+        return ProjectState(**known, reference=reference)
+
+
+StateChange = Callable[[ProjectState], "ProjectState | None"]
+"""Receives a private copy of the current state; returns the new state, or ``None`` to write
+nothing. It runs inside the store's transaction: keep it fast (no model work)."""
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Storage of :class:`ProjectState`, versions, examples and locks (SQLite or Redis)."""
+
+    description: str
+
+    def load(self, project_id: str) -> ProjectState: ...
+
+    def update(self, project_id: str, change: StateChange, reason: str = "") -> ProjectState: ...
+
+    def versions(self, project_id: str | None = None) -> list[dict]: ...
+
+    def projects(self) -> list[str]: ...
+
+    def put_example(self, project_id: str, key: str, payload: dict) -> None: ...
+
+    def delete_examples(self, project_id: str, keys: Iterable[str]) -> int: ...
+
+    def examples(self, project_id: str) -> dict[str, dict]: ...
+
+    def acquire_lock(self, name: str, ttl: float) -> str | None: ...
+
+    def release_lock(self, name: str, token: str | None = None) -> None: ...
+
+    def ping(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _apply(current: ProjectState, change: StateChange) -> ProjectState | None:
+    new = change(copy.deepcopy(current))
+    if new is None:
+        return None
+    if new.project_id != current.project_id:
+        raise StoreError(
+            f"a change for project {current.project_id} returned project {new.project_id}"
+        )
+    new.revision = current.revision + 1
+    new.updated_at = time.time()
+    return new
+
+
+def _version_entry(state: ProjectState, reason: str) -> dict:
+    return {"model_version": state.model_version, "created_at": state.updated_at, "reason": reason}
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite
+# ---------------------------------------------------------------------------------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS projects (
+    project_id TEXT PRIMARY KEY,
+    header TEXT NOT NULL,
+    reference BLOB
+);
+CREATE TABLE IF NOT EXISTS versions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id TEXT NOT NULL,
+    entry TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS versions_by_project ON versions (project_id, seq);
+CREATE TABLE IF NOT EXISTS examples (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id TEXT NOT NULL,
+    example_key TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    UNIQUE (project_id, example_key)
+);
+CREATE TABLE IF NOT EXISTS locks (
+    name TEXT PRIMARY KEY,
+    token TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+
+
+class SQLiteStore:
+    """Embedded store: one SQLite file (WAL) shared by the processes of one machine."""
+
+    def __init__(self, path: str | Path, busy_timeout: float = 30.0):
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.busy_timeout = busy_timeout
+        self.description = f"sqlite:{self.path}"
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        try:
+            self._connection().executescript(SCHEMA)
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"cannot create state store {self.path}: {error}") from error
+
+    # --- connections and transactions ---------------------------------------------------
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                # FULL: a committed write survives a power cut, not only a process crash.
+                conn.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error as error:
+                raise StoreUnavailable(f"cannot open state store {self.path}: {error}") from error
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: ``BEGIN IMMEDIATE`` takes the write lock up front, so two
+        read-modify-writes never interleave; any exception rolls everything back."""
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            raise StoreUnavailable(f"state store {self.path} is busy: {error}") from error
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as error:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise StoreError(f"state store {self.path}: commit failed: {error}") from error
+
+    def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
+        try:
+            return self._connection().execute(sql, params).fetchall()
+        except sqlite3.Error as error:
+            raise StoreError(f"state store {self.path}: {error}") from error
+
+    # --- state --------------------------------------------------------------------------
+    @staticmethod
+    def _load_with(conn: sqlite3.Connection, project_id: str) -> ProjectState:
+        row = conn.execute(
+            "SELECT header, reference FROM projects WHERE project_id = ?", (project_id,)
+        ).fetchone()
+        if row is None:
+            return ProjectState(project_id=project_id)
+        return ProjectState.from_parts(project_id, json.loads(row[0]), row[1])
+
+    def load(self, project_id: str) -> ProjectState:
+        """The project's state (a fresh :class:`ProjectState` if it has none yet)."""
+        try:
+            return self._load_with(self._connection(), project_id)
+        except sqlite3.Error as error:
+            raise StoreError(f"state store {self.path}: {error}") from error
+
+    def update(self, project_id: str, change: StateChange, reason: str = "") -> ProjectState:
+        """Atomically replace the project's state by ``change(state)``; returns the state now
+        stored. A new model version is appended to the history in the same transaction."""
+        try:
+            with self._transaction() as conn:
+                current = self._load_with(conn, project_id)
+                new = _apply(current, change)
+                if new is None:
+                    return current
+                conn.execute(
+                    "INSERT INTO projects (project_id, header, reference) VALUES (?, ?, ?) "
+                    "ON CONFLICT (project_id) DO UPDATE SET header = excluded.header, "
+                    "reference = excluded.reference",
+                    (project_id, json.dumps(new.header()), new.reference),
+                )
+                if new.model_version != current.model_version:
+                    conn.execute(
+                        "INSERT INTO versions (project_id, entry) VALUES (?, ?)",
+                        (project_id, json.dumps(_version_entry(new, reason))),
+                    )
+                return new
+        except sqlite3.Error as error:
+            raise StoreError(f"state store {self.path}: {error}") from error
+
+    def versions(self, project_id: str | None = None) -> list[dict]:
+        """Version history, oldest first (of one project, or of all)."""
+        if project_id is None:
+            rows = self._read("SELECT project_id, entry FROM versions ORDER BY seq")
+        else:
+            rows = self._read(
+                "SELECT project_id, entry FROM versions WHERE project_id = ? ORDER BY seq",
+                (project_id,),
+            )
+        return [{"project_id": pid, **json.loads(entry)} for pid, entry in rows]
+
+    def projects(self) -> list[str]:
+        return [row[0] for row in self._read("SELECT project_id FROM projects ORDER BY project_id")]
+
+    # --- examples -----------------------------------------------------------------------
+    def put_example(self, project_id: str, key: str, payload: dict) -> None:
+        """Store (or replace, keeping its place in the order) one example."""
+        try:
+            with self._transaction() as conn:
+                conn.execute(
+                    "INSERT INTO examples (project_id, example_key, payload) VALUES (?, ?, ?) "
+                    "ON CONFLICT (project_id, example_key) DO UPDATE SET payload = excluded.payload",
+                    (project_id, key, json.dumps(payload)),
+                )
+        except sqlite3.Error as error:
+            raise StoreError(f"state store {self.path}: {error}") from error
+
+    def delete_examples(self, project_id: str, keys: Iterable[str]) -> int:
+        keys = list(keys)
+        try:
+            with self._transaction() as conn:
+                return sum(
+                    conn.execute(
+                        "DELETE FROM examples WHERE project_id = ? AND example_key = ?",
+                        (project_id, key),
+                    ).rowcount
+                    for key in keys
+                )
+        except sqlite3.Error as error:
+            raise StoreError(f"state store {self.path}: {error}") from error
+
+    def examples(self, project_id: str) -> dict[str, dict]:
+        """The project's examples, in the order they were first received."""
+        rows = self._read(
+            "SELECT example_key, payload FROM examples WHERE project_id = ? ORDER BY seq",
+            (project_id,),
+        )
+        return {key: json.loads(payload) for key, payload in rows}
+
+    # --- locks --------------------------------------------------------------------------
+    def acquire_lock(self, name: str, ttl: float) -> str | None:
+        """A token if ``name`` was free (or its holder's ``ttl`` ran out), else ``None``."""
+        token = uuid.uuid4().hex
+        now = time.time()
+        try:
+            with self._transaction() as conn:
+                conn.execute("DELETE FROM locks WHERE name = ? AND expires_at < ?", (name, now))
+                inserted = conn.execute(
+                    "INSERT OR IGNORE INTO locks (name, token, expires_at) VALUES (?, ?, ?)",
+                    (name, token, now + ttl),
+                ).rowcount
+        except sqlite3.Error as error:
+            raise StoreError(f"state store {self.path}: {error}") from error
+        return token if inserted else None
+
+    def release_lock(self, name: str, token: str | None = None) -> None:
+        """Release ``name`` if ``token`` still holds it (any holder when ``token`` is None)."""
+        try:
+            with self._transaction() as conn:
+                if token is None:
+                    conn.execute("DELETE FROM locks WHERE name = ?", (name,))
+                else:
+                    conn.execute("DELETE FROM locks WHERE name = ? AND token = ?", (name, token))
+        except sqlite3.Error as error:
+            raise StoreError(f"state store {self.path}: {error}") from error
+
+    def ping(self) -> None:
+        self._read("SELECT 1")
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for conn in self._connections:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis
+# ---------------------------------------------------------------------------------------------
+
+# Deletes a lock only if the caller still holds it (atomic on the server).
+_RELEASE_SCRIPT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+class RedisStore:
+    """Shared store for several machines: one Redis (``REDIS_URL``)."""
+
+    def __init__(self, url: str, namespace: str = "oneshot", max_retries: int = 50):
+        import redis
+
+        self._redis_module = redis
+        self.url = url
+        self.description = f"redis:{redact_url(url)}"
+        self.namespace = namespace
+        self.max_retries = max_retries
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=10, socket_connect_timeout=3, health_check_interval=30
+        )
+
+    # --- keys and errors ----------------------------------------------------------------
+    def _key(self, project_id: str, part: str = "") -> str:
+        return f"{self.namespace}:project:{project_id}" + (f":{part}" if part else "")
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        errors = self._redis_module.exceptions
+        try:
+            yield
+        except (errors.ConnectionError, errors.TimeoutError) as error:
+            raise StoreUnavailable(
+                f"Redis at {redact_url(self.url)} is unreachable while {what} ({error}); "
+                "nothing was written"
+            ) from error
+        except errors.RedisError as error:
+            raise StoreError(f"Redis at {redact_url(self.url)} failed while {what}: {error}") from (
+                error
+            )
+
+    # --- state --------------------------------------------------------------------------
+    def _load_with(self, client: Any, project_id: str) -> ProjectState:
+        header, reference = client.hmget(self._key(project_id), ["header", "reference"])
+        return ProjectState.from_parts(
+            project_id, json.loads(header) if header is not None else None, reference
+        )
+
+    def load(self, project_id: str) -> ProjectState:
+        with self._errors(f"loading project {project_id}"):
+            return self._load_with(self.client, project_id)
+
+    def update(self, project_id: str, change: StateChange, reason: str = "") -> ProjectState:
+        """Optimistic read-modify-write: ``WATCH`` the key, apply ``change``, ``MULTI``/``EXEC``;
+        retried when another writer got there first."""
+        key = self._key(project_id)
+        watch_error = self._redis_module.exceptions.WatchError
+        with self._errors(f"updating project {project_id}"):
+            for _ in range(self.max_retries):
+                with self.client.pipeline() as pipe:
+                    try:
+                        pipe.watch(key)
+                        current = self._load_with(pipe, project_id)
+                        new = _apply(current, change)
+                        if new is None:
+                            return current
+                        pipe.multi()
+                        pipe.hset(key, "header", json.dumps(new.header()))
+                        if new.reference is None:
+                            pipe.hdel(key, "reference")
+                        else:
+                            pipe.hset(key, "reference", new.reference)
+                        pipe.sadd(f"{self.namespace}:projects", project_id)
+                        if new.model_version != current.model_version:
+                            pipe.rpush(
+                                self._key(project_id, "versions"),
+                                json.dumps(_version_entry(new, reason)),
+                            )
+                        pipe.execute()
+                        return new
+                    except watch_error:
+                        continue
+            raise StoreError(
+                f"project {project_id}: gave up after {self.max_retries} conflicting writes"
+            )
+
+    def versions(self, project_id: str | None = None) -> list[dict]:
+        with self._errors("reading versions"):
+            projects = [project_id] if project_id is not None else self.projects()
+            entries = []
+            for pid in projects:
+                for raw in self.client.lrange(self._key(pid, "versions"), 0, -1):
+                    entries.append({"project_id": pid, **json.loads(raw)})
+        if project_id is None:
+            entries.sort(key=lambda e: e.get("created_at", 0.0))
+        return entries
+
+    def projects(self) -> list[str]:
+        with self._errors("listing projects"):
+            return sorted(p.decode() for p in self.client.smembers(f"{self.namespace}:projects"))
+
+    # --- examples -----------------------------------------------------------------------
+    def put_example(self, project_id: str, key: str, payload: dict) -> None:
+        with self._errors(f"storing example {key} of project {project_id}"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(self._key(project_id, "examples"), key, json.dumps(payload))
+            # nx: an updated example keeps the place of its first version.
+            pipe.zadd(self._key(project_id, "example-order"), {key: time.time()}, nx=True)
+            pipe.sadd(f"{self.namespace}:projects", project_id)
+            pipe.execute()
+
+    def delete_examples(self, project_id: str, keys: Iterable[str]) -> int:
+        keys = list(keys)
+        if not keys:
+            return 0
+        with self._errors(f"deleting examples of project {project_id}"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hdel(self._key(project_id, "examples"), *keys)
+            pipe.zrem(self._key(project_id, "example-order"), *keys)
+            deleted, _ = pipe.execute()
+            return int(deleted)
+
+    def examples(self, project_id: str) -> dict[str, dict]:
+        with self._errors(f"reading examples of project {project_id}"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zrange(self._key(project_id, "example-order"), 0, -1)
+            pipe.hgetall(self._key(project_id, "examples"))
+            order, payloads = pipe.execute()
+        return {k.decode(): json.loads(payloads[k]) for k in order if k in payloads}
+
+    # --- locks --------------------------------------------------------------------------
+    def acquire_lock(self, name: str, ttl: float) -> str | None:
+        token = uuid.uuid4().hex
+        with self._errors(f"taking lock {name}"):
+            taken = self.client.set(
+                f"{self.namespace}:lock:{name}", token, nx=True, px=max(1, int(ttl * 1000))
+            )
+        return token if taken else None
+
+    def release_lock(self, name: str, token: str | None = None) -> None:
+        key = f"{self.namespace}:lock:{name}"
+        with self._errors(f"releasing lock {name}"):
+            if token is None:
+                self.client.delete(key)
+            else:
+                self.client.eval(_RELEASE_SCRIPT, 1, key, token)
+
+    def ping(self) -> None:
+        with self._errors("pinging"):
+            self.client.ping()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def make_store(settings: Settings) -> StateStore:
+    """Redis when ``REDIS_URL`` is set, else SQLite in ``MODEL_DIR``."""
+    if settings.redis_url:
+        store: StateStore = RedisStore(settings.redis_url)
+    else:
+        store = SQLiteStore(Path(settings.model_dir).expanduser() / "state.sqlite3")
+    log.info("state store: %s", store.description)
+    return store

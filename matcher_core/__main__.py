@@ -1,0 +1,235 @@
+"""Command line: ``python -m matcher_core segment|evaluate ...`` (no server needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .config import PRESETS, SegmenterConfig
+from .datasets import IMAGE_SUFFIXES
+from .imageio import ImageError, load_image, load_label_mask
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = SegmenterConfig()
+    group = parser.add_argument_group("models")
+    group.add_argument("--mode", choices=["matcher", "persam"], default=defaults.mode)
+    group.add_argument("--preset", choices=sorted(PRESETS), help="Matcher hyper-parameter preset")
+    group.add_argument("--sam-type", default=defaults.sam_type, help="vit_h | vit_l | vit_b | tiny")
+    group.add_argument("--sam-checkpoint", help="SAM checkpoint file (default: official download)")
+    group.add_argument(
+        "--encoder", default=defaults.encoder, help="timm name, efficientnet_lite0 or tiny"
+    )
+    group.add_argument("--encoder-checkpoint", help="local encoder weights")
+    group.add_argument("--encoder-input-size", type=int, default=defaults.encoder_input_size)
+    group.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
+    group.add_argument("--model-dir", default=defaults.model_dir)
+    group.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="small random models for smoke runs (outputs are meaningless)",
+    )
+    group.add_argument("--score-threshold", type=float, default=defaults.score_threshold)
+    group.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def config_from_args(args: argparse.Namespace) -> SegmenterConfig:
+    sam_type, encoder, size = args.sam_type, args.encoder, args.encoder_input_size
+    if (
+        args.random_weights
+        and sam_type == SegmenterConfig.sam_type
+        and encoder == SegmenterConfig.encoder
+    ):
+        sam_type, encoder, size = "tiny", "tiny", 112  # smoke runs default to the tiny models
+    config = SegmenterConfig(
+        mode=args.mode,
+        sam_type=sam_type,
+        sam_checkpoint=args.sam_checkpoint,
+        encoder=encoder,
+        encoder_checkpoint=args.encoder_checkpoint,
+        encoder_input_size=size,
+        device=args.device,
+        model_dir=args.model_dir,
+        random_weights=args.random_weights,
+        score_threshold=args.score_threshold,
+        seed=args.seed,
+    )
+    return config.with_preset(args.preset) if args.preset else config
+
+
+def _image_paths(items: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(path)
+    return paths
+
+
+def reference_example(image_path: str, mask_path: str, labels: list[str] | None):
+    """Reference image + mask file -> :class:`Example`; an indexed PNG gives one label per index."""
+    from .reference import Example
+
+    image = load_image(image_path)
+    label_map = load_label_mask(mask_path)
+    if label_map.shape != image.shape[:2]:
+        raise ValueError(f"mask {label_map.shape} does not fit image {image.shape[:2]}")
+    indices = [int(i) for i in np.unique(label_map) if i != 0]
+    if not indices:
+        raise ValueError(f"{mask_path}: the mask is empty")
+    if labels and len(labels) != len(indices):
+        raise ValueError(f"--labels names {len(labels)} labels, the mask has {len(indices)}")
+    names = labels or (["object"] if indices == [1] else [f"label_{i}" for i in indices])
+    return Example(image, {name: [label_map == i] for name, i in zip(names, indices, strict=True)})
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .segmenter import OneShotSegmenter
+
+    config = config_from_args(args)
+    example = reference_example(args.ref_image, args.ref_mask, args.labels)
+    segmenter = OneShotSegmenter(config)
+    reference = segmenter.build_reference([example])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in _image_paths(args.images):
+        try:
+            image = load_image(path, config.max_image_pixels)
+        except (ImageError, OSError) as error:
+            logging.error("%s: %s", path, error)
+            failures += 1
+            continue
+        instances = segmenter.segment(reference, image)
+        summary = {
+            "image": str(path),
+            "width": image.shape[1],
+            "height": image.shape[0],
+            "random_weights": config.random_weights,
+            "instances": [],
+        }
+        for k, instance in enumerate(instances):
+            name = f"{path.stem}_{instance.label}_{k}.png"
+            Image.fromarray(instance.mask.astype(np.uint8) * 255).save(out / name)
+            summary["instances"].append(
+                {
+                    "label": instance.label,
+                    "score": round(instance.score, 4),
+                    "box_xyxy": list(instance.box),
+                    "mask": name,
+                }
+            )
+        (out / f"{path.stem}.json").write_text(json.dumps(summary, indent=2))
+        if args.label_studio_json:
+            from backend.labelstudio import (
+                instances_to_results,
+                label_config_xml,
+                parse_label_config,
+            )
+
+            tag = {"brush": "BrushLabels", "polygon": "PolygonLabels"}[args.label_studio_json]
+            schema = parse_label_config(label_config_xml([(tag, "label", list(example.masks))]))
+            results = instances_to_results(instances, schema, image.shape[:2])
+            (out / f"{path.stem}.labelstudio.json").write_text(
+                json.dumps(
+                    {"data": {"image": str(path)}, "predictions": [{"result": results}]}, indent=2
+                )
+            )
+        print(
+            f"{path}: {len(instances)} instance(s)"
+            + "".join(f" {i.label}={i.score:.2f}" for i in instances)
+        )
+    return 1 if failures else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .datasets import folder_dataset, labelstudio_export_dataset
+    from .evaluate import evaluate, write_report
+    from .segmenter import OneShotSegmenter
+
+    config = config_from_args(args)
+    if args.labelstudio_export:
+        categories = labelstudio_export_dataset(args.labelstudio_export, args.image_root or ".")
+    else:
+        categories = folder_dataset(args.dataset)
+    if args.categories:
+        categories = {k: v for k, v in categories.items() if any(s in k for s in args.categories)}
+    segmenter = OneShotSegmenter(config)
+    report, cases = evaluate(
+        segmenter,
+        categories,
+        shots=args.shots,
+        negatives_per_category=args.negatives,
+        max_targets=args.max_targets,
+        progress=not args.no_progress,
+    )
+    page = write_report(report, cases, args.out)
+    print(report.table())
+    print(f"report: {page}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m matcher_core",
+        description="One-shot segmentation with Matcher / PerSAM on SAM",
+    )
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    segment = sub.add_parser("segment", help="segment images like a reference image + mask")
+    segment.add_argument("--ref-image", required=True)
+    segment.add_argument(
+        "--ref-mask",
+        required=True,
+        help="binary mask (one label) or indexed PNG (one label per index)",
+    )
+    segment.add_argument("--labels", nargs="+", help="label names, in mask index order")
+    segment.add_argument("--out", required=True, help="output folder")
+    segment.add_argument(
+        "--label-studio-json",
+        metavar="CONTROL",
+        help="also write Label Studio predictions: 'brush' or 'polygon'",
+    )
+    segment.add_argument("images", nargs="+", help="image files or folders")
+    _add_model_arguments(segment)
+    segment.set_defaults(run=cmd_segment)
+
+    evaluation = sub.add_parser("evaluate", help="one-shot / k-shot evaluation with a report")
+    source = evaluation.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", help="folder of <category>/<name>.jpg + .png")
+    source.add_argument("--labelstudio-export", help="Label Studio JSON export")
+    evaluation.add_argument("--image-root", help="where the export's images are")
+    evaluation.add_argument("--shots", type=int, default=1)
+    evaluation.add_argument(
+        "--negatives",
+        type=int,
+        default=2,
+        help="images of other categories per category (false positives)",
+    )
+    evaluation.add_argument("--max-targets", type=int, help="targets per category at most")
+    evaluation.add_argument("--categories", nargs="+", help="only categories containing these")
+    evaluation.add_argument("--out", default="evaluation", help="report folder")
+    evaluation.add_argument("--no-progress", action="store_true")
+    _add_model_arguments(evaluation)
+    evaluation.set_defaults(run=cmd_evaluate)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, ImageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

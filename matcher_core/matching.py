@@ -1,0 +1,185 @@
+"""Bidirectional patch matching: Matcher's correspondence step.
+
+The reference object's patches are matched one-to-one to target patches (Hungarian assignment on
+the cosine correspondence matrix, *forward*); each matched target patch is then matched back,
+one-to-one, to *all* reference patches (*reverse*). A forward match survives only when its reverse
+match lands inside the reference mask: a target patch that resembles the reference background
+better than the object is an outlier, however similar it is to some object patch.
+
+Indices are flat, row-major positions on a patch grid: cell ``(i, j)`` of a ``(gh, gw)`` grid is
+index ``i * gw + j`` (see :func:`matcher_core.features.patch_centres` for their XY centres).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .reference import Shot
+
+REFERENCE_MASK_THRESHOLD = 0.5
+"""A reference patch cell is *inside* the mask when the mask covers at least this fraction of it
+(the rule of :meth:`matcher_core.reference.Shot.masked_features`)."""
+
+
+@dataclass
+class MatchResult:
+    """Bidirectionally consistent matches between reference shots and one target.
+
+    All arrays have one entry per kept match (``M`` of them), sorted by target index, and each
+    target cell appears at most once.
+    """
+
+    target_indices: np.ndarray
+    """``(M,)`` int64 flat indices of matched target patch cells."""
+    reference_indices: np.ndarray
+    """``(M,)`` int64 flat indices of the reference cells they were matched from (forward), in the
+    grid of the shot given by :attr:`shot_indices`."""
+    shot_indices: np.ndarray
+    """``(M,)`` int64 index of the shot each match comes from."""
+    similarities: np.ndarray
+    """``(M,)`` float32 cosine similarity of each forward match."""
+    forward_matches: int
+    """Number of forward matches before the reverse check (summed over shots)."""
+
+    def __len__(self) -> int:
+        return len(self.target_indices)
+
+    @property
+    def quality(self) -> float:
+        """Match quality in [0, 1]: mean cosine of the kept matches mapped by ``(c + 1) / 2``;
+        0 when nothing survived the reverse check."""
+        if len(self) == 0:
+            return 0.0
+        return float(np.clip((float(self.similarities.mean()) + 1.0) / 2.0, 0.0, 1.0))
+
+    @property
+    def kept_fraction(self) -> float:
+        """Fraction of forward matches that survived the reverse check (0 when none were made)."""
+        return len(self) / self.forward_matches if self.forward_matches else 0.0
+
+    @staticmethod
+    def empty() -> MatchResult:
+        none = np.zeros(0, dtype=np.int64)
+        return MatchResult(none, none.copy(), none.copy(), np.zeros(0, np.float32), 0)
+
+
+def l2_normalise(features: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """``(..., D)`` float32 features scaled to unit length along the last axis."""
+    features = np.asarray(features, dtype=np.float32)
+    norms = np.linalg.norm(features, axis=-1, keepdims=True)
+    return features / np.maximum(norms, eps)
+
+
+def correspondence_matrix(
+    reference_features: np.ndarray, target_features: np.ndarray
+) -> np.ndarray:
+    """``(Nr, Nt)`` cosine similarity between ``(Nr, D)`` reference and ``(Nt, D)`` target
+    features (both L2-normalised here, whatever their input scale)."""
+    return l2_normalise(reference_features) @ l2_normalise(target_features).T
+
+
+def bidirectional_match(
+    reference_features: np.ndarray,
+    reference_mask: np.ndarray,
+    target_features: np.ndarray,
+    shot_index: int = 0,
+) -> MatchResult:
+    """Forward Hungarian matching of the masked reference cells to the target, kept only where the
+    reverse Hungarian matching (target to all reference cells) returns inside the mask.
+
+    Args:
+        reference_features: ``(Nr, D)`` features of every reference cell (flat, row-major).
+        reference_mask: ``(Nr,)`` bool, the reference cells inside the object.
+        target_features: ``(Nt, D)`` features of every target cell (flat, row-major).
+        shot_index: recorded in :attr:`MatchResult.shot_indices`.
+    """
+    reference_mask = np.asarray(reference_mask, dtype=bool).reshape(-1)
+    if reference_mask.shape[0] != len(reference_features):
+        raise ValueError(
+            f"mask of {reference_mask.shape[0]} cells for {len(reference_features)} features"
+        )
+    masked_rows = np.flatnonzero(reference_mask)
+    if len(masked_rows) == 0 or len(target_features) == 0:
+        return MatchResult.empty()
+    similarity = correspondence_matrix(reference_features, target_features)  # (Nr, Nt)
+
+    # Forward: every masked reference cell gets a distinct target cell (or min(Nm, Nt) of them
+    # do when the target grid is smaller).
+    forward_rows, forward_cols = linear_sum_assignment(similarity[masked_rows], maximize=True)
+    forward_reference = masked_rows[forward_rows]
+    forward_target = forward_cols
+
+    # Reverse: the matched target cells compete, one-to-one, for all reference cells.
+    reverse_rows, reverse_cols = linear_sum_assignment(
+        similarity[:, forward_target].T, maximize=True
+    )
+    lands_inside = np.zeros(len(forward_target), dtype=bool)
+    lands_inside[reverse_rows] = reference_mask[reverse_cols]
+
+    kept_target = forward_target[lands_inside].astype(np.int64)
+    kept_reference = forward_reference[lands_inside].astype(np.int64)
+    order = np.argsort(kept_target, kind="stable")
+    return MatchResult(
+        target_indices=kept_target[order],
+        reference_indices=kept_reference[order],
+        shot_indices=np.full(len(order), shot_index, dtype=np.int64),
+        similarities=similarity[kept_reference, kept_target][order].astype(np.float32),
+        forward_matches=len(forward_target),
+    )
+
+
+def shot_mask_cells(shot: Shot, threshold: float = REFERENCE_MASK_THRESHOLD) -> np.ndarray:
+    """``(gh * gw,)`` bool: the shot's cells inside its mask (the cells of largest coverage when
+    none reaches ``threshold``, so a tiny object still has a cell)."""
+    coverage = np.asarray(shot.patch_mask, dtype=np.float32).reshape(-1)
+    inside = coverage >= threshold
+    if not inside.any() and coverage.max() > 0:
+        inside = coverage >= coverage.max()
+    return inside
+
+
+def _flat_features(features: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(features, torch.Tensor):
+        features = features.detach().float().cpu().numpy()
+    features = np.asarray(features, dtype=np.float32)
+    return features.reshape(-1, features.shape[-1])
+
+
+def match_shots(shots: Sequence[Shot], target_features: np.ndarray | torch.Tensor) -> MatchResult:
+    """Bidirectional matches of every shot against one target, pooled.
+
+    Each shot is matched on its own (its own mask and background take part in the reverse check);
+    the kept target cells of all shots are pooled and a cell found by several shots is kept once,
+    with the shot that matched it most similarly.
+
+    Args:
+        shots: reference shots with ``(gh, gw, D)`` patch features on the same encoder as the target.
+        target_features: ``(gh, gw, D)`` or ``(gh * gw, D)`` target patch features.
+    """
+    target = _flat_features(target_features)
+    results = [
+        bidirectional_match(_flat_features(shot.patch_features), shot_mask_cells(shot), target, i)
+        for i, shot in enumerate(shots)
+    ]
+    results = [r for r in results if r.forward_matches]
+    if not results:
+        return MatchResult.empty()
+    forward_matches = sum(r.forward_matches for r in results)
+    target_indices = np.concatenate([r.target_indices for r in results])
+    similarities = np.concatenate([r.similarities for r in results])
+    by_similarity = np.argsort(-similarities, kind="stable")
+    # np.unique keeps the first occurrence in the similarity-sorted order: the best shot per cell.
+    _, first = np.unique(target_indices[by_similarity], return_index=True)
+    chosen = by_similarity[first]  # sorted by target index, since np.unique sorts its values
+    return MatchResult(
+        target_indices=target_indices[chosen],
+        reference_indices=np.concatenate([r.reference_indices for r in results])[chosen],
+        shot_indices=np.concatenate([r.shot_indices for r in results])[chosen],
+        similarities=similarities[chosen],
+        forward_matches=forward_matches,
+    )

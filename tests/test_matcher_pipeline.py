@@ -1,0 +1,285 @@
+"""The Matcher pipeline end to end.
+
+Two kinds of tests:
+
+* with the tiny random models (``tiny_config``): shapes, coordinate frames, determinism, batching;
+  the masks themselves mean nothing.
+* with hand-made patch features and :class:`OutlineDecoder`, a stand-in for SAM that returns the
+  true object under the prompt points: these prove the algorithm (two objects give two instances,
+  an absent object gives none) through the real matching, prompt, decoding-frame, scoring and
+  upsampling code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from matcher_core import Example, LabelReference, OneShotSegmenter, Shot, tiny_config
+from matcher_core.features import ImageFeatures, SamImageEncoder, pool_mask_to_grid
+from matcher_core.matcher import (
+    blend_logits,
+    choose_masks,
+    decode_prompts,
+    low_res_crop,
+    segment_label,
+)
+from matcher_core.prompts import sample_prompts
+from matcher_core.sam_decoder import DecoderOutput, SamDecoder
+
+STAGES = {"matching", "prompts", "decoding", "scoring"}
+
+
+@pytest.fixture(scope="module")
+def segmenter() -> OneShotSegmenter:
+    return OneShotSegmenter(tiny_config(model_dir="/tmp/matcher-models"))
+
+
+@pytest.fixture
+def permissive(segmenter, monkeypatch) -> OneShotSegmenter:
+    """The tiny segmenter with filters opened: random SAM masks are small and hold few matches."""
+    config = segmenter.config.replace(min_purity=0.0, min_instance_area=1)
+    monkeypatch.setattr(segmenter, "config", config)
+    return segmenter
+
+
+def synthetic_image(height: int, width: int) -> np.ndarray:
+    """``(H, W, 3)`` uint8: colour ramps and a checkerboard, so every region differs."""
+    ys, xs = np.mgrid[:height, :width]
+    checker = ((xs // 10 + ys // 10) % 2) * 255
+    return np.stack([xs * 255 // width, ys * 255 // height, checker], -1).astype(np.uint8)
+
+
+def box_mask(size: tuple[int, int], y0: float, y1: float, x0: float, x1: float) -> np.ndarray:
+    """``(H, W)`` bool rectangle given in fractions of the height and width."""
+    height, width = size
+    mask = np.zeros(size, dtype=bool)
+    mask[round(y0 * height) : round(y1 * height), round(x0 * width) : round(x1 * width)] = True
+    return mask
+
+
+def iou(first: np.ndarray, second: np.ndarray) -> float:
+    return float((first & second).sum() / max(1, (first | second).sum()))
+
+
+# --- small pieces --------------------------------------------------------------------------------
+
+
+def test_blend_logits_is_the_weighted_sum_of_the_three_masks():
+    logits = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    blended = blend_logits(logits, np.array([0.2, 0.3, 0.5], np.float32))
+    assert blended.shape == (2, 1, 2, 2)
+    expected = 0.2 * logits[:, 0] + 0.3 * logits[:, 1] + 0.5 * logits[:, 2]
+    torch.testing.assert_close(blended[:, 0], expected)
+    torch.testing.assert_close(blend_logits(logits, np.array([0, 1, 0]))[:, 0], logits[:, 1])
+
+
+def test_without_weights_the_mask_with_the_best_predicted_iou_is_chosen():
+    logits = torch.stack([torch.full((3, 2, 2), float(i)) for i in range(2)])
+    logits[1, 2] = 7.0
+    ious = torch.tensor([[0.1, 0.9, 0.3], [0.2, 0.1, 0.8]])
+    chosen, chosen_iou = choose_masks(DecoderOutput(logits, ious), None)
+    assert chosen.shape == (2, 2, 2)
+    assert chosen[0, 0, 0] == 0.0 and chosen[1, 0, 0] == 7.0
+    torch.testing.assert_close(chosen_iou, torch.tensor([0.9, 0.8]))
+
+
+def test_low_res_crop_keeps_the_image_part_of_the_padded_square():
+    assert low_res_crop(256, (576, 1024), 1024) == (144, 256)
+    assert low_res_crop(64, (256, 144), 256) == (64, 36)
+
+
+# --- tiny random models: frames, batching, determinism -------------------------------------------
+
+
+def test_batched_decoding_equals_one_prompt_set_at_a_time(segmenter):
+    image = synthetic_image(90, 160)
+    features = segmenter.features(image)
+    matched = features.patch_centres()[[9, 10, 18, 27, 36, 44, 45, 50]]
+    config = segmenter.config.replace(num_clusters=4, instance_prompts=6, use_box=True)
+    batch = sample_prompts(matched, config, np.random.default_rng(0), 5.0, features.original_size)
+    assert len(batch) > 4
+    batched = decode_prompts(segmenter.decoder, features.sam_embedding, batch, (90, 160))
+    single = decode_prompts(
+        segmenter.decoder, features.sam_embedding, batch, (90, 160), chunk_size=1
+    )
+    torch.testing.assert_close(batched.low_res_logits, single.low_res_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        batched.iou_predictions, single.iou_predictions, atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "size", [(90, 160), (160, 90), (37, 301)], ids=["wide", "portrait", "strip"]
+)
+def test_masks_come_back_at_the_original_resolution(permissive, size):
+    image = synthetic_image(*size)
+    object_mask = box_mask(size, 0.25, 0.6, 0.3, 0.7)
+    reference = permissive.build_reference([Example(image, {"thing": [object_mask]})])
+    instances = segment_label(permissive, permissive.features(image), reference.labels["thing"])
+    assert 1 <= len(instances) <= permissive.config.max_instances
+    for instance in instances:
+        assert instance.label == "thing"
+        assert instance.mask.shape == size and instance.mask.dtype == bool
+        ys, xs = np.nonzero(instance.mask)
+        assert instance.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        assert 0.0 <= instance.score <= 1.0
+    assert [i.score for i in instances] == sorted((i.score for i in instances), reverse=True)
+
+
+def test_same_inputs_and_seed_give_the_same_instances(permissive):
+    reference_image, target_image = synthetic_image(90, 160), synthetic_image(90, 160)[:, ::-1]
+    object_mask = box_mask((90, 160), 0.2, 0.7, 0.1, 0.5)
+    reference = permissive.build_reference([Example(reference_image, {"thing": [object_mask]})])
+    target = permissive.features(np.ascontiguousarray(target_image))
+    permissive.timings.clear()
+    first = segment_label(permissive, target, reference.labels["thing"])
+    assert set(permissive.timings) >= STAGES
+    second = segment_label(permissive, target, reference.labels["thing"])
+    assert len(first) == len(second) >= 1
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert a.score == b.score
+
+
+def test_persam_f_weights_blend_the_three_masks(permissive):
+    image = synthetic_image(90, 160)
+    reference = permissive.build_reference(
+        [Example(image, {"thing": [box_mask((90, 160), 0.2, 0.7, 0.1, 0.5)]})]
+    )
+    label_ref = reference.labels["thing"]
+    label_ref.mask_weights = np.array([0.2, 0.3, 0.5], np.float32)
+    instances = segment_label(permissive, permissive.features(image), label_ref)
+    assert instances and all(i.mask.shape == (90, 160) for i in instances)
+
+
+# --- hand-made features with a SAM stand-in: the algorithm ----------------------------------------
+
+
+class OutlineDecoder(SamDecoder):
+    """SAM stand-in: the mask of a prompt set is the union of the true objects under its positive
+    points (in SAM's low-resolution frame), whatever the image embedding.
+
+    It uses the real decoder's frames (``img_size``, low-resolution side, ``upscale``), so the
+    pipeline's coordinate conversions are exercised as with SAM.
+    """
+
+    def __init__(self, sam: torch.nn.Module, objects: np.ndarray):
+        super().__init__(sam)
+        height, width = objects.shape
+        self.low_res = 4 * sam.prompt_encoder.image_embedding_size[0]
+        input_h, input_w = SamImageEncoder(sam).input_size((height, width))
+        resized = F.interpolate(
+            torch.from_numpy(objects.astype(np.float32))[None, None], (input_h, input_w)
+        )
+        padded = torch.zeros(1, 1, self.img_size, self.img_size)
+        padded[..., :input_h, :input_w] = resized
+        low = F.adaptive_avg_pool2d(padded, self.low_res)[0, 0].numpy() > 0.5
+        self.components, _ = ndimage.label(low)
+
+    def decode(self, embedding, point_coords=None, point_labels=None, boxes=None, **kwargs):
+        multimask = kwargs.get("multimask", True)
+        logits = torch.full(
+            (len(point_coords), 3 if multimask else 1, self.low_res, self.low_res), -8.0
+        )
+        scale = self.low_res / self.img_size
+        for b, (points, labels) in enumerate(zip(point_coords, point_labels, strict=True)):
+            for (x, y), label in zip(points.tolist(), labels.tolist(), strict=True):
+                component = self.components[int(y * scale), int(x * scale)]
+                if label == 1 and component:
+                    logits[b, :, torch.from_numpy(self.components == component)] = 8.0
+        return DecoderOutput(logits, torch.ones(logits.shape[:2]))
+
+
+class Host:
+    """What :func:`segment_label` needs from a segmenter, around the stand-in decoder."""
+
+    def __init__(self, segmenter: OneShotSegmenter, decoder: SamDecoder, **config_changes):
+        self.config = segmenter.config.replace(**config_changes)
+        self.decoder = decoder
+        self.timed = segmenter.timed
+
+
+GRID = (10, 10)
+DIMS = 8
+
+
+def hand_made_features(objects: list[np.ndarray], rng, object_feature: np.ndarray) -> np.ndarray:
+    """``(10, 10, 8)`` features: ``object_feature`` (+ noise) on cells the objects cover at least
+    half, a background feature (+ noise) elsewhere; L2-normalised."""
+    features = np.zeros((*GRID, DIMS), np.float32)
+    features[..., 1] = 1.0
+    for obj in objects:
+        features[pool_mask_to_grid(obj, GRID).numpy() >= 0.5] = object_feature
+    features += 0.05 * rng.normal(size=features.shape)
+    return features / np.linalg.norm(features, axis=-1, keepdims=True)
+
+
+def hand_made_case(segmenter, size, target_objects, object_feature=None, seed=0):
+    """A reference shot (an object in the middle of a 10x10 grid) and a target with
+    ``target_objects`` (``(H, W)`` masks), features made by hand."""
+    rng = np.random.default_rng(seed)
+    reference_object = np.eye(DIMS, dtype=np.float32)[0]
+    ref_mask = box_mask((100, 100), 0.3, 0.7, 0.3, 0.7)
+    shot = Shot(
+        patch_features=hand_made_features([ref_mask], rng, reference_object).astype(np.float16),
+        patch_mask=pool_mask_to_grid(ref_mask, GRID).numpy(),
+        sam_target_embedding=np.zeros(32, np.float32),
+    )
+    target_feature = reference_object if object_feature is None else object_feature
+    encoder = SamImageEncoder(segmenter.sam)
+    target = ImageFeatures(
+        original_size=size,
+        input_size=encoder.input_size(size),
+        sam_embedding=torch.zeros(32, 16, 16),
+        patch_features=torch.from_numpy(hand_made_features(target_objects, rng, target_feature)),
+    )
+    objects = np.any(target_objects, axis=0) if target_objects else np.zeros(size, dtype=bool)
+    decoder = OutlineDecoder(segmenter.sam, objects)
+    return LabelReference(label="thing", shots=[shot]), target, decoder
+
+
+@pytest.mark.parametrize("size", [(120, 200), (200, 120)], ids=["wide", "portrait"])
+def test_two_separated_objects_come_back_as_two_instances(segmenter, size):
+    first = box_mask(size, 0.1, 0.4, 0.1, 0.4)
+    second = box_mask(size, 0.6, 0.9, 0.5, 0.9)
+    label_ref, target, decoder = hand_made_case(segmenter, size, [first, second])
+    instances = segment_label(Host(segmenter, decoder), target, label_ref)
+    assert len(instances) == 2
+    found = sorted(instances, key=lambda i: i.box[1])  # top object first
+    assert iou(found[0].mask, first) > 0.85
+    assert iou(found[1].mask, second) > 0.85
+    assert all(i.score > 0.8 for i in instances)
+
+
+def test_max_instances_keeps_the_best(segmenter):
+    size = (120, 200)
+    objects = [box_mask(size, 0.1, 0.4, 0.1, 0.4), box_mask(size, 0.6, 0.9, 0.5, 0.9)]
+    label_ref, target, decoder = hand_made_case(segmenter, size, objects)
+    both = segment_label(Host(segmenter, decoder), target, label_ref)
+    best = segment_label(Host(segmenter, decoder, max_instances=1), target, label_ref)
+    assert len(best) == 1
+    np.testing.assert_array_equal(best[0].mask, both[0].mask)
+
+
+def test_an_absent_object_yields_no_instance(segmenter):
+    # The target shows only background: forward matches land on background cells, whose reverse
+    # matches land on the reference background, so every match is rejected.
+    label_ref, target, decoder = hand_made_case(segmenter, (120, 200), [])
+    assert segment_label(Host(segmenter, decoder, min_purity=0.0), target, label_ref) == []
+
+
+def test_a_weak_match_is_rejected_by_the_match_quality_threshold(segmenter):
+    # The target object only half resembles the reference (cosine about 0.45): the matches
+    # survive the reverse check, and the quality threshold decides.
+    weak = np.zeros(DIMS, np.float32)
+    weak[[0, 2]] = [0.45, 0.89]
+    size = (120, 200)
+    label_ref, target, decoder = hand_made_case(
+        segmenter, size, [box_mask(size, 0.2, 0.7, 0.2, 0.6)], object_feature=weak
+    )
+    assert segment_label(Host(segmenter, decoder, rejection_threshold=0.6), target, label_ref)
+    assert segment_label(Host(segmenter, decoder, rejection_threshold=0.8), target, label_ref) == []
