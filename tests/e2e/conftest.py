@@ -92,7 +92,7 @@ def backend(
         DEVICE="cpu",
         LABEL_STUDIO_URL=label_studio.url,
         LABEL_STUDIO_API_KEY=label_studio.token,
-        LOG_LEVEL="DEBUG",
+        LOG_LEVEL="INFO",
         OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
         MKL_NUM_THREADS=env.get("MKL_NUM_THREADS", "1"),
         PYTHONUNBUFFERED="1",

@@ -150,43 +150,65 @@ def settled_model_version(
     pytest.fail(f"the backend's model_version never settled within {timeout_s:.0f} s: {seen[-10:]}")
 
 
-def non_empty_predictions_by_task(
-    predictions: list[dict[str, Any]], model_version: str | None = None
-) -> dict[int, list[dict[str, Any]]]:
-    """Predictions with at least one region, per task (only ``model_version``'s when given)."""
-    by_task: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
-    for prediction in predictions:
-        if prediction["result"] and model_version in (None, prediction["model_version"]):
-            by_task[prediction["task"]].append(prediction)
-    return by_task
+def wait_for_new_model_version(
+    label_studio: LabelStudio, project: Project, old_version: str, timeout_s: float
+) -> str:
+    """The backend's model version once it differs from ``old_version`` (its learned state
+    changed: a reference appeared, or a training finished)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        version = backend_model_version(label_studio, project)
+        if version != old_version:
+            return version
+        if time.monotonic() > deadline:
+            pytest.fail(f"the backend's model_version stayed {old_version!r} for {timeout_s:.0f} s")
+        time.sleep(1.0)
 
 
-def wait_for_predictions_on(
+def wait_for_predictions_of(
     label_studio: LabelStudio,
-    backend: Backend,
     project: Project,
-    task_ids: list[int],
-    model_version: str | None = None,
+    model_version: str,
     timeout_s: float = PREDICTION_TIMEOUT_S,
-) -> dict[int, list[dict[str, Any]]]:
-    """Press "Retrieve Predictions" until every task of ``task_ids`` has a stored prediction
-    with regions (of ``model_version`` when given); returns them per task."""
+) -> dict[int, dict[str, Any]]:
+    """Press "Retrieve Predictions" until every task has a stored prediction of
+    ``model_version``; returns them per task id.
+
+    A prediction may be empty (no instance found: random weights find nothing in some images),
+    but it must be there, or Label Studio would keep asking for it.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         retrieve_predictions(label_studio, project)
-        by_task = non_empty_predictions_by_task(
-            stored_predictions(label_studio, project), model_version
-        )
-        missing = [task_id for task_id in task_ids if task_id not in by_task]
+        of_version = [
+            p
+            for p in stored_predictions(label_studio, project)
+            if p["model_version"] == model_version
+        ]
+        by_task = {p["task"]: p for p in of_version}
+        missing = sorted(set(project.mask_by_task) - set(by_task))
         if not missing:
+            assert len(by_task) == len(of_version), "several predictions of one version"
             return by_task
         if time.monotonic() > deadline:
             pytest.fail(
-                f"tasks {missing} got no prediction with regions"
-                f"{f' of version {model_version}' if model_version else ''} within "
+                f"tasks {missing} got no prediction of version {model_version!r} within "
                 f"{timeout_s:.0f} s (the logs of both servers follow)"
             )
         time.sleep(2.0)
+
+
+def assert_prelabels_of_unlabeled_tasks(
+    project: Project, predictions: dict[int, dict[str, Any]]
+) -> None:
+    """Every unlabeled task's prediction is a valid brush prediction, and they are not all
+    empty."""
+    unlabeled = [predictions[task_id] for task_id in project.unlabeled_task_ids]
+    for prediction in unlabeled:
+        assert_valid_brush_prediction(prediction)
+    assert any(prediction["result"] for prediction in unlabeled), (
+        "no unlabeled task got a single predicted region"
+    )
 
 
 def assert_valid_brush_prediction(prediction: dict[str, Any]) -> None:
@@ -268,19 +290,22 @@ def project(label_studio: LabelStudio, backend: Backend) -> Iterator[Project]:
 def test_one_annotation_prelabels_the_other_tasks(
     label_studio: LabelStudio, backend: Backend, project: Project
 ) -> None:
-    """After one submitted annotation, "Retrieve Predictions" stores brush masks of the right
-    size, with scores, on every other task."""
+    """After one submitted annotation the backend's model version changes (so Label Studio asks
+    again for tasks it already pre-labeled empty), and "Retrieve Predictions" stores brush masks
+    of the right size, with scores, on the other tasks."""
+    version_without_reference = backend_model_version(label_studio, project)
     created_before = webhook_events(backend, "ANNOTATION_CREATED")
+
     reference_task = next(iter(project.mask_by_task))
     submit_annotation(label_studio, project, reference_task)
     # Label Studio (without Redis) sends the webhook inside the annotation request.
     assert webhook_events(backend, "ANNOTATION_CREATED") == created_before + 1
 
-    by_task = wait_for_predictions_on(label_studio, backend, project, project.unlabeled_task_ids)
-
-    for task_id in project.unlabeled_task_ids:
-        for prediction in by_task[task_id]:
-            assert_valid_brush_prediction(prediction)
+    version = wait_for_new_model_version(
+        label_studio, project, version_without_reference, PREDICTION_TIMEOUT_S
+    )
+    predictions = wait_for_predictions_of(label_studio, project, version)
+    assert_prelabels_of_unlabeled_tasks(project, predictions)
 
 
 def test_repeated_retrieval_stores_no_duplicates(
@@ -350,23 +375,8 @@ def test_training_refreshes_prelabels_with_a_new_version(
     version_before = project.version_before_correction
     assert version_before is not None, "runs after test_a_correction_and_start_training_..."
 
-    def new_version() -> str | None:
-        version = backend_model_version(label_studio, project)
-        return version if version != version_before else None
-
-    deadline = time.monotonic() + TRAINING_TIMEOUT_S
-    version_after = new_version()
-    while version_after is None and time.monotonic() < deadline:
-        time.sleep(2.0)
-        version_after = new_version()
-    assert version_after is not None, (
-        f"the model_version stayed {version_before!r} for {TRAINING_TIMEOUT_S:.0f} s after a "
-        "correction and Start Training"
+    version_after = wait_for_new_model_version(
+        label_studio, project, version_before, TRAINING_TIMEOUT_S
     )
-
-    by_task = wait_for_predictions_on(
-        label_studio, backend, project, project.unlabeled_task_ids, model_version=version_after
-    )
-    for task_id in project.unlabeled_task_ids:
-        for prediction in by_task[task_id]:
-            assert_valid_brush_prediction(prediction)
+    predictions = wait_for_predictions_of(label_studio, project, version_after)
+    assert_prelabels_of_unlabeled_tasks(project, predictions)
