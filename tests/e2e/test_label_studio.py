@@ -98,14 +98,16 @@ def brush_result(mask_path: Path, region_id: str) -> dict[str, Any]:
     }
 
 
-def submit_annotation(label_studio: LabelStudio, project: Project, task_id: int) -> None:
-    """Submit the ground truth of ``task_id`` as an annotation, as the "Submit" button does."""
+def submit_annotation(
+    label_studio: LabelStudio, project: Project, task_id: int, parent_prediction: int | None = None
+) -> None:
+    """Submit the ground truth of ``task_id`` as an annotation, as the "Submit" button does;
+    ``parent_prediction`` names the pre-label it corrects, as the UI records it."""
     result = brush_result(project.mask_by_task[task_id], region_id=f"gt{task_id}")
-    label_studio.post(
-        f"/api/tasks/{task_id}/annotations/",
-        json={"result": [result], "was_cancelled": False, "lead_time": 4.2},
-        expect=201,
-    )
+    annotation = {"result": [result], "was_cancelled": False, "lead_time": 4.2}
+    if parent_prediction is not None:
+        annotation["parent_prediction"] = parent_prediction
+    label_studio.post(f"/api/tasks/{task_id}/annotations/", json=annotation, expect=201)
     project.annotated_task_ids.append(task_id)
 
 
@@ -351,11 +353,14 @@ def test_a_correction_and_start_training_reach_the_backend(
 ) -> None:
     """Submitting a corrected mask on a pre-labeled task sends ANNOTATION_CREATED to the backend;
     "Start Training" follows. The next test checks what the backend learned from them."""
-    project.version_before_correction = settled_model_version(label_studio, project)
+    version = settled_model_version(label_studio, project)
+    project.version_before_correction = version
+    corrected_task = project.unlabeled_task_ids[0]
+    prelabel = wait_for_predictions_of(label_studio, project, version)[corrected_task]
     created_before = webhook_events(backend, "ANNOTATION_CREATED")
     trainings_requested_before = webhook_events(backend, "START_TRAINING")
 
-    submit_annotation(label_studio, project, project.unlabeled_task_ids[0])
+    submit_annotation(label_studio, project, corrected_task, parent_prediction=prelabel["id"])
     label_studio.post(f"/api/ml/{project.ml_backend_id}/train")
 
     assert webhook_events(backend, "ANNOTATION_CREATED") == created_before + 1
