@@ -1,0 +1,342 @@
+"""PerSAM-F: learn, per label, how to blend SAM's 3 multimask logits (2 free weights).
+
+The blend is ``(1 - w1 - w2) * m0 + w1 * m1 + w2 * m2`` over SAM's multimask logits, ``w1 = w2 =
+1/3`` at the start, trained with Dice + sigmoid focal loss (AdamW, cosine learning-rate schedule)
+on annotated examples of the label. The prompts of an example are PerSAM's first pass on that
+example: positive and negative point from the example's own location prior, target-guided
+attention and target-semantic prompting, multimask output; the same decoder call the weights are
+used on at inference (:func:`matcher_core.persam.cascade`). (The published PerSAM-F script
+trains and predicts with the positive point only and no hooks; here training and inference share
+PerSAM's first pass, so the weights blend the logits they will actually be applied to.)
+
+Why training is fast here: SAM is frozen and its decoder output does not depend on the two
+weights, so each example is decoded *once* and its 3 logits, upscaled to the mask's resolution,
+are cached; the optimisation loop then only blends cached tensors. The published method runs the
+decoder in every iteration; :func:`train_mask_weights_reference` does that too, and tests and
+``bench/persam_f_speed.py`` show both learn the same weights.
+
+Several examples: the loss of one iteration is the *mean* of the examples' losses, so one example
+gives exactly the published loss and more examples keep its scale (and the learning rate's
+meaning) instead of growing with their number.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .features import ImageFeatures
+from .persam import FirstPassPrompt, first_pass_prompt, sam_location_prior, valid_cells
+from .reference import LabelReference
+from .sam_decoder import blend
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .segmenter import OneShotSegmenter
+
+FOCAL_ALPHA = 0.25
+FOCAL_GAMMA = 2.0
+DICE_SMOOTHING = 1.0
+ADAMW_EPS = 1e-4
+"""The published PerSAM-F optimiser's epsilon (PyTorch's default is 1e-8)."""
+
+
+@contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """Run the cached-logits loop on one intra-op thread, then restore the setting.
+
+    Each iteration is ~20 element-wise passes over the pixels; splitting each across threads
+    costs a fork/join per pass, and on a shared CPU the threads wait for each other: on the
+    project's loaded 2-core machine, 2 threads made the loop 10x *slower* than 1. (The setting is
+    process-wide while training runs.)
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class TrainingReport:
+    """Outcome of PerSAM-F training for one label."""
+
+    weights: np.ndarray
+    """``(3,)`` float32 blend of SAM's multimask logits ``(1 - w1 - w2, w1, w2)``."""
+    loss_before: float
+    """Loss with the initial weights ``(1/3, 1/3, 1/3)``."""
+    loss_after: float
+    """Loss with the learned weights."""
+    iterations: int
+    seconds: float
+    examples: int
+
+
+def blend_weights(free: torch.Tensor) -> torch.Tensor:
+    """``(3,)`` blend ``(1 - w1 - w2, w1, w2)`` from the ``(2,)`` free weights ``(w1, w2)``."""
+    return torch.cat([1 - free.sum().reshape(1), free])
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, target_sum: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss with +1 smoothing: ``1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1)``,
+    ``p = sigmoid(logits)``; ``logits``, ``target`` are ``(N,)``, ``target_sum`` is ``sum(t)``."""
+    prob = logits.sigmoid()
+    numerator = 2 * (prob * target).sum() + DICE_SMOOTHING
+    return 1 - numerator / (prob.sum() + target_sum + DICE_SMOOTHING)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:
+    """Sigmoid focal loss (gamma 2) averaged over pixels; ``alpha_t`` is the per-pixel class
+    weight ``alpha t + (1 - alpha)(1 - t)`` (alpha 0.25), precomputed since it depends on the
+    target only."""
+    prob = logits.sigmoid()
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    return (alpha_t * cross_entropy * (1 - p_t) ** FOCAL_GAMMA).mean()
+
+
+@dataclass
+class _Target:
+    """A training mask flattened, with the loss terms that depend on it alone."""
+
+    mask: torch.Tensor
+    """``(H * W,)`` float 0/1."""
+    mask_sum: torch.Tensor
+    alpha_t: torch.Tensor
+
+    @staticmethod
+    def of(mask: np.ndarray) -> _Target:
+        flat = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32).reshape(-1))
+        return _Target(flat, flat.sum(), FOCAL_ALPHA * flat + (1 - FOCAL_ALPHA) * (1 - flat))
+
+    def loss(self, multimask_logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Dice + focal of the blend of ``(1, 3, H, W)`` logits with ``(3,)`` weights (autograd
+        formulation, as published)."""
+        blended = blend(multimask_logits, weights).reshape(-1)
+        return dice_loss(blended, self.mask, self.mask_sum) + focal_loss(
+            blended, self.mask, self.alpha_t
+        )
+
+
+CHUNK_PIXELS = 1 << 15
+"""Pixels per block in :class:`_CachedExample`: a block's temporaries stay in the CPU cache
+(1.5x faster than whole-image passes on an 854 x 480 mask, measured)."""
+
+
+class _CachedExample:
+    """One example's cached multimask logits with the loss and its gradient in closed form.
+
+    The same loss as :meth:`_Target.loss`, computed in fewer passes over the pixels than autograd
+    needs (the loop's cost is all per-pixel work). With ``t`` in {0, 1}, let ``s = (1 - 2t) z``
+    be the logit signed towards the wrong class, ``q = sigmoid(s) = 1 - p_t``. Then
+
+    * focal: ``alpha_t * softplus(s) * q^2`` (``softplus(s)`` is the cross-entropy);
+    * Dice: ``sum(p) = sum(t) + sum((1 - 2t) q)``, ``sum(p t) = sum(t) - sum(t q)``;
+    * ``d focal / ds = alpha_t q^2 (2 (1 - q) softplus(s) + q)``,
+      ``d dice / ds = (a + b t) q (1 - q)`` with ``a = num / den^2``, ``b = 2 (den - num) / den^2``
+      (``num = 2 sum(p t) + 1``, ``den = sum(p) + sum(t) + 1``);
+    * ``s`` is linear in the blend weights, ``s = weights @ ((1 - 2t) logits)``, so the gradient
+      with respect to the weights is a matrix-vector product.
+
+    Pixels go in blocks of :data:`CHUNK_PIXELS`, twice: once for the sums (Dice needs them
+    before any pixel's gradient), keeping ``q`` and ``softplus(s)``, once for the gradient.
+    Sums accumulate in float64.
+    """
+
+    def __init__(self, logits: torch.Tensor, mask: np.ndarray):
+        target = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32).reshape(-1))
+        sign = 1 - 2 * target
+        self.target_sum = float(target.sum(dtype=torch.float64))
+        alpha_t = FOCAL_ALPHA * target + (1 - FOCAL_ALPHA) * (1 - target)
+        alpha_over_count = alpha_t / target.numel()
+        signed_logits = (logits.reshape(3, -1) * sign).contiguous()  # (3, N)
+        sign_and_target = torch.stack([sign, target])  # (2, N)
+        self.blocks = [
+            (
+                signed_logits[:, i : i + CHUNK_PIXELS],
+                sign_and_target[:, i : i + CHUNK_PIXELS],
+                target[i : i + CHUNK_PIXELS],
+                alpha_over_count[i : i + CHUNK_PIXELS],
+            )
+            for i in range(0, target.numel(), CHUNK_PIXELS)
+        ]
+
+    def loss_and_gradient(self, weights: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Loss and its ``(3,)`` gradient with respect to the ``(3,)`` blend weights."""
+        focal = sign_q = target_q = 0.0
+        per_block = []
+        for signed_logits, sign_and_target, _, alpha_over_count in self.blocks:
+            s = weights @ signed_logits
+            q = torch.sigmoid(s)
+            cross_entropy = F.softplus(s)
+            focal += float(torch.dot(alpha_over_count, q * q * cross_entropy))
+            sums = (sign_and_target @ q).tolist()
+            sign_q, target_q = sign_q + sums[0], target_q + sums[1]
+            per_block.append((q, cross_entropy))
+        numerator = 2 * (self.target_sum - target_q) + DICE_SMOOTHING
+        denominator = (self.target_sum + sign_q) + self.target_sum + DICE_SMOOTHING
+        a = numerator / denominator**2
+        b = 2 * (denominator - numerator) / denominator**2
+
+        gradient = torch.zeros(3, dtype=torch.float64)
+        for (signed_logits, _, target, alpha_over_count), (q, cross_entropy) in zip(
+            self.blocks, per_block, strict=True
+        ):
+            right = 1 - q  # p_t
+            slope = torch.addcmul(q, right, cross_entropy, value=2)  # d focal / ds
+            slope.mul_(q * q).mul_(alpha_over_count)
+            slope.addcmul_(torch.mul(target, b).add_(a), q.mul_(right))  # + d dice / ds
+            gradient += signed_logits @ slope
+        return 1 - numerator / denominator + focal, gradient.float()
+
+
+def example_prompt(
+    segmenter: OneShotSegmenter, target_embedding: np.ndarray, features: ImageFeatures
+) -> FirstPassPrompt:
+    """PerSAM's first-pass prompts on a training example: points and attention prior from the
+    example's own location prior."""
+    decoder = segmenter.decoder
+    prior = sam_location_prior(features, target_embedding)
+    return first_pass_prompt(decoder, prior, valid_cells(decoder, features.input_size))
+
+
+def example_logits(
+    segmenter: OneShotSegmenter,
+    target_embedding: np.ndarray,
+    features: ImageFeatures,
+    prompt: FirstPassPrompt,
+    mask_size: tuple[int, int],
+) -> torch.Tensor:
+    """PerSAM's first-pass multimask logits of one example, ``(1, 3, H, W)`` at ``mask_size``
+    (the original resolution), as a plain tensor that autograd may use."""
+    decoder = segmenter.decoder
+    with segmenter.timed("decoding"):
+        out = decoder.decode(
+            features.sam_embedding,
+            point_coords=prompt.point_coords,
+            point_labels=prompt.point_labels,
+            multimask=True,
+            attn_sim=prompt.attn_sim,
+            target_embedding=target_embedding,
+        )
+    with torch.inference_mode():
+        logits = decoder.upscale(out.low_res_logits, features.input_size, mask_size)
+    return logits.cpu().clone()  # leave inference mode: an inference tensor cannot be saved
+
+
+def _check_pairs(pairs: list[tuple[ImageFeatures, np.ndarray]]) -> None:
+    if not pairs:
+        raise ValueError("PerSAM-F needs at least one (image features, mask) example")
+    for features, mask in pairs:
+        if tuple(mask.shape) != tuple(features.original_size):
+            raise ValueError(f"mask {mask.shape} does not fit image {features.original_size}")
+
+
+def _optimise(
+    segmenter: OneShotSegmenter,
+    loss_and_gradient: Callable[[torch.Tensor], tuple[float, torch.Tensor]],
+    iterations: int,
+    examples: int,
+) -> TrainingReport:
+    """The PerSAM-F loop over the ``(2,)`` free weights ``(w1, w2)``.
+
+    ``loss_and_gradient(free)`` returns the loss at ``free`` and its ``(2,)`` gradient.
+    """
+    config = segmenter.config
+    start = time.perf_counter()
+    free = torch.nn.Parameter(torch.full((2,), 1 / 3))
+    optimiser = torch.optim.AdamW(
+        [free], lr=config.persam_f_lr, weight_decay=config.persam_f_weight_decay, eps=ADAMW_EPS
+    )
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(iterations, 1))
+    losses = []
+    for _ in range(iterations):
+        loss, free.grad = loss_and_gradient(free)
+        losses.append(loss)
+        optimiser.step()
+        schedule.step()
+    loss_after, _ = loss_and_gradient(free)
+    return TrainingReport(
+        weights=blend_weights(free.detach()).numpy().astype(np.float32),
+        loss_before=losses[0] if losses else loss_after,
+        loss_after=loss_after,
+        iterations=iterations,
+        seconds=time.perf_counter() - start,
+        examples=examples,
+    )
+
+
+def train_mask_weights(
+    segmenter: OneShotSegmenter,
+    label_ref: LabelReference,
+    pairs: list[tuple[ImageFeatures, np.ndarray]],
+    iterations: int | None = None,
+) -> TrainingReport:
+    """Learn the label's PerSAM-F blend weights on ``pairs`` of (features, ``(H, W)`` bool mask).
+
+    Each example is decoded once; the ``iterations`` (default ``config.persam_f_iterations``)
+    AdamW steps run on the cached logits, with the loss's gradient in closed form
+    (:class:`_CachedExample`). ``seconds`` includes the decoding.
+    """
+    _check_pairs(pairs)
+    start = time.perf_counter()
+    target_embedding = label_ref.sam_target_embedding()
+    cached = []
+    for features, mask in pairs:
+        prompt = example_prompt(segmenter, target_embedding, features)
+        logits = example_logits(segmenter, target_embedding, features, prompt, mask.shape)
+        cached.append(_CachedExample(logits, mask))
+
+    def loss_and_gradient(free: torch.Tensor) -> tuple[float, torch.Tensor]:
+        weights = blend_weights(free.detach())
+        loss, gradient = 0.0, torch.zeros(3)
+        for example in cached:
+            example_loss, example_gradient = example.loss_and_gradient(weights)
+            loss, gradient = loss + example_loss, gradient + example_gradient
+        # mean over examples, then through weights = (1 - w1 - w2, w1, w2)
+        loss, gradient = loss / len(cached), gradient / len(cached)
+        return loss, gradient[1:] - gradient[0]
+
+    iterations = segmenter.config.persam_f_iterations if iterations is None else iterations
+    with _one_intra_op_thread():
+        report = _optimise(segmenter, loss_and_gradient, iterations, len(pairs))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def train_mask_weights_reference(
+    segmenter: OneShotSegmenter,
+    label_ref: LabelReference,
+    pairs: list[tuple[ImageFeatures, np.ndarray]],
+    iterations: int | None = None,
+) -> TrainingReport:
+    """The published loop: decode every example again in every iteration, autograd loss (slow).
+
+    Only for tests and ``bench/`` to show that :func:`train_mask_weights` learns the same weights.
+    """
+    _check_pairs(pairs)
+    target_embedding = label_ref.sam_target_embedding()
+    targets = [_Target.of(mask) for _, mask in pairs]
+    prompts = [example_prompt(segmenter, target_embedding, f) for f, _ in pairs]
+
+    def loss_and_gradient(free: torch.Tensor) -> tuple[float, torch.Tensor]:
+        with torch.inference_mode(False), torch.enable_grad():
+            free = free.detach().requires_grad_(True)
+            weights = blend_weights(free)
+            losses = []
+            for (features, mask), prompt, target in zip(pairs, prompts, targets, strict=True):
+                logits = example_logits(segmenter, target_embedding, features, prompt, mask.shape)
+                losses.append(target.loss(logits, weights))
+            loss = torch.stack(losses).mean()
+            loss.backward()
+        return float(loss.detach()), free.grad
+
+    iterations = segmenter.config.persam_f_iterations if iterations is None else iterations
+    return _optimise(segmenter, loss_and_gradient, iterations, len(pairs))

@@ -1,0 +1,158 @@
+"""PerSAM-F: the loss, training on cached logits, equality with the decode-every-iteration
+loop, serialisation and determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from matcher_core import Example, OneShotSegmenter, Reference, persam_f, tiny_config
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory) -> OneShotSegmenter:
+    model_dir = str(tmp_path_factory.mktemp("models"))
+    return OneShotSegmenter(tiny_config(model_dir=model_dir, mode="persam"))
+
+
+def scene(seed: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy image with a bright ellipse, and the ellipse's mask."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[:height, :width]
+    mask = ((ys - height * 0.45) / (height * 0.3)) ** 2 + (
+        (xs - width * 0.55) / (width * 0.25)
+    ) ** 2 < 1
+    image = rng.integers(0, 80, (height, width, 3)).astype(np.uint8)
+    image[mask] = (40, 200, 220)
+    return image, mask
+
+
+@pytest.fixture(scope="module")
+def labelled(segmenter):
+    """A reference on one image and two (features, mask) training examples, one portrait."""
+    image, mask = scene(0, 96, 128)
+    reference = segmenter.build_reference([Example(image, {"ball": [mask]})])
+    other_image, other_mask = scene(1, 112, 80)
+    pairs = [(segmenter.features(image), mask), (segmenter.features(other_image), other_mask)]
+    return reference, pairs
+
+
+def test_loss_terms_match_hand_computed_values():
+    logits = torch.tensor([2.0, -1.0, 0.0, 3.0])
+    target = persam_f._Target.of(np.array([1, 0, 1, 0], bool))
+    p = 1 / (1 + np.exp(-logits.numpy().astype(np.float64)))
+    dice = 1 - (2 * (p[0] + p[2]) + 1) / (p.sum() + 2 + 1)
+    p_t = np.array([p[0], 1 - p[1], p[2], 1 - p[3]])
+    alpha_t = np.array([0.25, 0.75, 0.25, 0.75])
+    focal = np.mean(alpha_t * -np.log(p_t) * (1 - p_t) ** 2)
+    got_dice = persam_f.dice_loss(logits, target.mask, target.mask_sum)
+    got_focal = persam_f.focal_loss(logits, target.mask, target.alpha_t)
+    assert float(got_dice) == pytest.approx(dice, rel=1e-6)
+    assert float(got_focal) == pytest.approx(focal, rel=1e-6)
+
+
+@pytest.mark.parametrize("weights", [(1 / 3, 1 / 3, 1 / 3), (1.4, -0.6, 0.2), (0.0, 0.0, 1.0)])
+@pytest.mark.parametrize("size", [(30, 40), (150, 300)])  # one block of pixels; several
+def test_the_closed_form_loss_and_gradient_equal_autograd(weights, size):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 3, *size, generator=g) * 6  # large logits: saturated sigmoids too
+    mask = (torch.rand(*size, generator=g) > 0.6).numpy()
+    leaf = torch.tensor(weights, requires_grad=True)
+    expected = persam_f._Target.of(mask).loss(logits, leaf)
+    expected.backward()
+    loss, gradient = persam_f._CachedExample(logits, mask).loss_and_gradient(leaf.detach())
+    assert loss == pytest.approx(float(expected.detach()), rel=1e-5)
+    torch.testing.assert_close(gradient, leaf.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_blend_weights_sum_to_one_and_start_at_a_third():
+    weights = persam_f.blend_weights(torch.full((2,), 1 / 3))
+    torch.testing.assert_close(weights, torch.full((3,), 1 / 3))
+    assert float(persam_f.blend_weights(torch.tensor([0.7, 0.5])).sum()) == pytest.approx(1.0)
+
+
+def test_training_lowers_the_loss_and_moves_the_weights(segmenter, labelled):
+    reference, pairs = labelled
+    report = persam_f.train_mask_weights(segmenter, reference.labels["ball"], pairs[:1])
+    assert report.iterations == segmenter.config.persam_f_iterations == 1000
+    assert report.examples == 1 and report.seconds > 0
+    assert report.loss_after < report.loss_before
+    assert report.weights.shape == (3,) and report.weights.dtype == np.float32
+    assert np.abs(report.weights - 1 / 3).max() > 0.05
+    assert report.weights.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_each_example_is_decoded_once(segmenter, labelled):
+    reference, pairs = labelled
+    decode = segmenter.decoder.decode
+    calls = []
+
+    def counting_decode(*args, **kwargs):
+        calls.append(kwargs)
+        return decode(*args, **kwargs)
+
+    segmenter.decoder.decode = counting_decode
+    try:
+        persam_f.train_mask_weights(segmenter, reference.labels["ball"], pairs, iterations=20)
+    finally:
+        segmenter.decoder.decode = decode
+    assert len(calls) == 2
+    # PerSAM's first pass: two points, both hooks, three masks
+    assert all(c["multimask"] and c["attn_sim"] is not None for c in calls)
+    assert all(c["target_embedding"] is not None for c in calls)
+    assert all(c["point_labels"].tolist() == [[1, 0]] for c in calls)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_cached_training_learns_the_weights_of_the_decode_every_iteration_loop(
+    segmenter, labelled, count
+):
+    reference, pairs = labelled
+    label = reference.labels["ball"]
+    fast = persam_f.train_mask_weights(segmenter, label, pairs[:count], iterations=50)
+    slow = persam_f.train_mask_weights_reference(segmenter, label, pairs[:count], iterations=50)
+    np.testing.assert_allclose(fast.weights, slow.weights, atol=1e-5, rtol=0)
+    assert fast.loss_before == pytest.approx(slow.loss_before, abs=1e-6)
+    assert fast.loss_after == pytest.approx(slow.loss_after, abs=1e-6)
+    assert fast.examples == slow.examples == count
+
+
+def test_several_examples_average_their_losses(segmenter, labelled):
+    reference, pairs = labelled
+    label = reference.labels["ball"]
+    single = [persam_f.train_mask_weights(segmenter, label, [p], iterations=1) for p in pairs]
+    both = persam_f.train_mask_weights(segmenter, label, pairs, iterations=1)
+    assert both.loss_before == pytest.approx(np.mean([r.loss_before for r in single]), rel=1e-6)
+
+
+def test_training_is_deterministic(segmenter, labelled):
+    reference, pairs = labelled
+    first = persam_f.train_mask_weights(segmenter, reference.labels["ball"], pairs, iterations=100)
+    second = persam_f.train_mask_weights(segmenter, reference.labels["ball"], pairs, iterations=100)
+    np.testing.assert_array_equal(first.weights, second.weights)
+
+
+def test_a_mask_must_fit_its_image(segmenter, labelled):
+    reference, pairs = labelled
+    features, mask = pairs[0]
+    with pytest.raises(ValueError, match="does not fit"):
+        persam_f.train_mask_weights(segmenter, reference.labels["ball"], [(features, mask.T)])
+    with pytest.raises(ValueError, match="at least one"):
+        persam_f.train_mask_weights(segmenter, reference.labels["ball"], [])
+
+
+def test_learned_weights_are_stored_on_the_label_and_survive_serialisation(segmenter):
+    image, mask = scene(2, 90, 120)
+    reference = segmenter.build_reference([Example(image, {"ball": [mask]})])
+    segmenter.config.persam_f_iterations = 200
+    try:
+        reports = segmenter.train_mask_weights(reference, [Example(image, {"ball": [mask]})])
+    finally:
+        segmenter.config.persam_f_iterations = 1000
+    learned = reference.labels["ball"].mask_weights
+    np.testing.assert_array_equal(learned, reports["ball"].weights)
+
+    restored = Reference.from_bytes(reference.to_bytes())
+    np.testing.assert_array_equal(restored.labels["ball"].mask_weights, learned)
+    assert restored.labels["ball"].mask_weights.dtype == np.float32
