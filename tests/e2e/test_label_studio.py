@@ -367,11 +367,6 @@ def test_a_correction_and_start_training_reach_the_backend(
     assert webhook_events(backend, "START_TRAINING") == trainings_requested_before + 1
 
 
-@pytest.mark.xfail(
-    reason="issue 4 (learning from corrections) is not in the backend yet: training does not "
-    "change the model_version. Remove this marker when it lands.",
-    strict=False,
-)
 def test_training_refreshes_prelabels_with_a_new_version(
     label_studio: LabelStudio, backend: Backend, project: Project
 ) -> None:
