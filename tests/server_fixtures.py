@@ -67,6 +67,19 @@ def fake_ls():
         state.posted.append(request.get_json())
         return jsonify({"id": len(state.posted), **request.get_json()}), 201
 
+    @app.get("/api/predictions/")
+    def list_predictions():
+        if not authorized():
+            return jsonify({"detail": "no auth"}), 401
+        task_id = request.args.get("task", type=int)
+        return jsonify(
+            [
+                {"id": index + 1, **p}
+                for index, p in enumerate(state.posted)
+                if task_id is None or p.get("task") == task_id
+            ]
+        )
+
     server, thread, port = _serve(app)
     state.url = f"http://127.0.0.1:{port}"
     yield state
