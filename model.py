@@ -309,7 +309,12 @@ class OneShotModel:
             timeout=self.settings.fetch_timeout,
             allowed_hosts=self.settings.allowed_hosts,
         )
-        return load_image(data, self.settings.max_image_pixels)
+        try:
+            return load_image(data, self.settings.max_image_pixels)
+        except ImageError as error:
+            if "exceeds the cap" in str(error):  # name the setting that decides it
+                raise ImageError(f"{error} (MAX_IMAGE_PIXELS)") from error
+            raise
 
     # ----------------------------------------------------------------------------------
     # LabelStudioMLBase interface

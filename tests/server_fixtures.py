@@ -123,7 +123,10 @@ def make_runtime(tmp_path, model_dir, segmenter):
 
     def build(store=None, **env: str) -> Runtime:
         settings = make_settings(model_dir, tmp_path / f"state{len(built)}", **env)
-        store = store or SQLiteStore(Path(settings.model_dir) / "state.sqlite3")
+        store = store or SQLiteStore(
+            Path(settings.model_dir) / "state.sqlite3",
+            max_project_bytes=settings.max_project_state_bytes,
+        )
         runtime = Runtime(settings, store=store, metrics=Metrics(), segmenter=segmenter)
         built.append(runtime)
         set_runtime(runtime)
