@@ -293,14 +293,16 @@ def test_the_label_studio_token_never_reaches_logs_errors_versions_or_metrics(
     # ...then everything runs with the secret token, which Label Studio now refuses.
     fake_ls.token = "rotated-" + SECRET_TOKEN[::-1]
     bodies.append(client.post("/setup", json=setup_body(fake_ls, token=token), headers=auth))
-    tasks = [{"id": 2 + i, "data": {"image": url}} for i in range(3)]
+    # New images: nothing comes from the download cache, every one is fetched with the token.
+    fresh = [fake_ls.add_image(PROJECT, f"t{i}.png", png_bytes(scene(i))) for i in range(4)]
+    tasks = [{"id": 2 + i, "data": {"image": fresh[i]}} for i in range(3)]
     bodies.append(client.post("/predict", json=predict_body(tasks), headers=auth))
     context = {"result": [{"type": "keypointlabels", "from_name": "kp", "to_name": "image",
                            "original_width": 80, "original_height": 60,
                            "value": {"x": 50, "y": 50, "keypointlabels": ["Cat"]}}]}  # fmt: skip
     body = {**predict_body(tasks[:1]), "params": {"context": context}}
     bodies.append(client.post("/predict", json=body, headers=auth))
-    redrawn = event_for(url, [brush_result(square_mask(box=(0, 0, 30, 30)))])
+    redrawn = event_for(fresh[3], [brush_result(square_mask(box=(0, 0, 30, 30)))])
     redrawn["action"] = "ANNOTATION_UPDATED"
     bodies.append(client.post("/webhook", json=redrawn, headers=auth))
     bodies.append(client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT}}, headers=auth))  # fmt: skip
@@ -313,6 +315,9 @@ def test_the_label_studio_token_never_reaches_logs_errors_versions_or_metrics(
     # The failures did happen, and they are explained...
     assert runtime.metrics.trainings.value("failed") >= 1
     assert runtime.metrics.predictions_posted.value("failed") >= 1
+    assert bodies[3].json["results"][0] == [] and bodies[3].json["errors"]
+    assert bodies[4].status_code == 400  # the smart tool could not download its image
+    assert bodies[7].status_code == 401
     versions = bodies[-3].json
     assert "answered 40" in versions["last_error"]  # 401 (legacy key) or 404 (no token exchange)
     # ...without the secrets.
