@@ -332,6 +332,12 @@ class OneShotModel:
             BadRequest: the label config cannot be used (Label Studio shows the message).
         """
         schema = self._schema() if self.label_config else None
+        # What the environment pins is never taken from /setup, nor stored (a token the
+        # operator configured needs no copy in the state store).
+        if self.settings.label_studio_url:
+            hostname = None
+        if self.settings.label_studio_api_key:
+            access_token = None
         connection = {
             k: v for k, v in (("hostname", hostname), ("access_token", access_token)) if v
         }

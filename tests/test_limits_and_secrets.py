@@ -341,3 +341,23 @@ def test_settings_shown_at_startup_hide_every_secret():
     shown = json.dumps(settings.describe()) + repr(settings)
     assert SECRET_TOKEN not in shown and SECRET_PASSWORD not in shown
     assert all(key in shown for key in ("max_project_state_bytes", "train_lock_ttl"))
+
+
+def test_a_token_pinned_in_the_environment_is_used_and_never_copied_to_the_store(
+    make_runtime, fake_ls
+):
+    runtime = make_runtime(LABEL_STUDIO_API_KEY=fake_ls.token, LABEL_STUDIO_URL=fake_ls.url)
+    client = create_app(runtime).test_client()
+    setup = {**setup_body(fake_ls, token=SECRET_TOKEN), "hostname": "http://10.1.2.3:8080"}
+    assert client.post("/setup", json=setup).status_code == 200
+    url = fake_ls.add_image(PROJECT, "a.png", png_bytes(scene(0)))
+    assert (
+        client.post("/webhook", json=event_for(url, [brush_result(square_mask())])).status_code
+        == 200
+    )
+    assert runtime.jobs.wait_idle(60)
+
+    state = runtime.store.load(str(PROJECT))
+    assert state.reference is not None  # downloaded from LABEL_STUDIO_URL with its key
+    assert state.connection == {}
+    assert SECRET_TOKEN not in json.dumps(state.header())
