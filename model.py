@@ -56,6 +56,8 @@ from backend.store import (
 )
 from matcher_core import Example, Instance, Reference
 from matcher_core.imageio import ImageError, load_image
+from matcher_core.learning import Correction
+from matcher_core.learning import learn as learn_from_corrections
 
 log = logging.getLogger("oneshot.model")
 
@@ -465,25 +467,69 @@ class OneShotModel:
     def learn(
         self, project: ProjectState, reference: Reference, examples: list[TrainingExample]
     ) -> Reference | None:
-        """Learn from annotations that came after the reference; the hook issue 4 fills.
+        """Learn from every stored annotation (:func:`matcher_core.learning.learn`).
+
+        ``learn`` rebuilds the learned state from the reference's own shots each time (few-shot
+        references, negative evidence, PerSAM-F weights, calibrated thresholds), so the
+        incremental path and a START_TRAINING rebuild end in the same state.
 
         Args:
-            project: a private copy of the project's state; changes to ``project.learned``
-                (JSON) are saved with the result and go into the model version.
-            reference: a private copy of the project's current reference (safe to modify).
-            examples: the stored annotations not yet learned from, oldest first; ``load()``
-                downloads an image and decodes its masks (an :class:`matcher_core.Example`).
+            project: a private copy of the project's state; ``project.learned`` (JSON) gets a
+                summary of what was learned and goes into the model version.
+            reference: a private copy of the project's current reference.
+            examples: every usable stored annotation, oldest first (the reference's own
+                included); ``load()`` downloads an image and decodes its masks.
 
         Returns:
-            The new reference (its content decides the new model version, and the examples
-            count as learned), or ``None`` when nothing was learned (they stay pending).
+            The learned reference, or ``None`` when no annotation could be loaded.
         """
+        corrections = []
+        for example in examples:
+            try:
+                loaded = example.load()
+            except TASK_INPUT_ERRORS as error:
+                log.warning(
+                    "project %s %s: not learned from: %s", project.project_id, example.key, error
+                )
+                continue
+            task_id = (
+                example.annotation.get("task") if isinstance(example.annotation, dict) else None
+            )
+            corrections.append(
+                Correction(
+                    loaded.image,
+                    loaded.masks,
+                    task_id=task_id if task_id is not None else example.key,
+                )
+            )
+        if not corrections:
+            return None
+        learned, report = learn_from_corrections(self.runtime.segmenter(), reference, corrections)
+        project.learned = {"examples": report.examples, "labels": report.labels}
+        for label, figures in report.labels.items():
+            for quantity in ("shots", "negatives", "threshold", "loss_before", "loss_after"):
+                if isinstance(figures.get(quantity), int | float):
+                    self.metrics.last_training.set(
+                        project.project_id, label, quantity, value=figures[quantity]
+                    )
+            self.metrics.last_training.set(
+                project.project_id, label, "examples", value=report.examples
+            )
+            self.metrics.last_training.set(
+                project.project_id, label, "seconds", value=report.seconds
+            )
         log.info(
-            "project %s: %d annotation(s) stored for learning from corrections",
+            "project %s: learned from %d example(s) in %.1f s: %s",
             project.project_id,
-            len(examples),
+            report.examples,
+            report.seconds,
+            "; ".join(
+                f"{label}: {f.get('shots')} shots, {f.get('negatives')} negatives, threshold "
+                f"{f.get('threshold')}, PerSAM-F loss {f.get('loss_before')} -> {f.get('loss_after')}"
+                for label, f in report.labels.items()
+            ),
         )
-        return None
+        return learned
 
     # ----------------------------------------------------------------------------------
     # Prediction
@@ -953,7 +999,8 @@ class OneShotModel:
             pending = [e for e in examples if e.key not in applied and e.key not in failures]
             learned_something = False
             if reference is not None and pending:
-                learned = self.learn(state, reference, pending)
+                usable = [e for e in examples if e.key not in failures]
+                learned = self.learn(state, reference, usable)
                 if learned is not None:
                     reference, learned_something = learned, True
                     applied += [e.key for e in pending]

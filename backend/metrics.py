@@ -112,6 +112,30 @@ class Gauge:
         ]
 
 
+class LabeledGauge:
+    """Gauges set explicitly, one value per label combination (last training's figures)."""
+
+    def __init__(self, name: str, help_text: str, label_names: tuple[str, ...]):
+        self.name, self.help, self.label_names = name, help_text, label_names
+        self._values: dict[LabelValues, float] = {}
+        self._lock = threading.Lock()
+
+    def set(self, *label_values: str, value: float) -> None:
+        with self._lock:
+            self._values[label_values] = float(value)
+
+    def value(self, *label_values: str) -> float | None:
+        with self._lock:
+            return self._values.get(label_values)
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge"]
+        with self._lock:
+            for values, value in sorted(self._values.items()):
+                lines.append(f"{self.name}{_labels(self.label_names, values)} {_number(value)}")
+        return lines
+
+
 class Metrics:
     """The backend's metrics (names prefixed ``oneshot_``)."""
 
@@ -144,6 +168,12 @@ class Metrics:
         self.webhooks = Counter(
             "oneshot_webhook_events_total", "Webhook events by action.", ("action",)
         )
+        self.last_training = LabeledGauge(
+            "oneshot_last_training",
+            "Figures of the project's last learning from corrections, by quantity (examples, "
+            "shots, negatives, threshold, loss_before, loss_after, seconds).",
+            ("project", "label", "quantity"),
+        )
         self.gauges: list[Gauge] = []
 
     def add_gauge(self, name: str, help_text: str, read: Callable[[], float], kind="gauge"):
@@ -160,6 +190,7 @@ class Metrics:
             self.training_seconds,
             self.predictions_posted,
             self.webhooks,
+            self.last_training,
             *self.gauges,
         ):
             lines.extend(metric.render())

@@ -62,6 +62,16 @@ class SegmenterConfig:
     """Also prompt SAM with the box around each sampled point subset."""
     min_matched_points: int = 1
     """Below this many bidirectionally matched points the target is rejected (object absent)."""
+    shot_pooling: Literal["union", "consensus"] = "consensus"
+    """How the matches of several shots of a label are pooled: ``consensus`` keeps as many points
+    as one shot matches, those most shots agree on (:func:`matcher_core.matching.pool_matches`)."""
+    negative_rejection_fraction: float = 0.5
+    negative_rejection_margin: float = 0.1
+    """With negative evidence (learned from deleted predictions), the target is rejected when more
+    than ``negative_rejection_fraction`` of its matched points look more like a negative than like
+    the reference, unless the remaining points match the reference better than the dropped ones
+    by at least ``negative_rejection_margin`` mean cosine (a small object beside a look-alike);
+    see :meth:`matcher_core.matching.NegativeCheck.looks_deleted`."""
 
     # --- matcher: instance-level matching -------------------------------------------------
     emd_max_points: int = 64

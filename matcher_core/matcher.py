@@ -1,7 +1,9 @@
 """The Matcher pipeline (Matcher, ICLR 2024) for one label on one target image.
 
 1. *matching*: bidirectional Hungarian matching of the reference object's patches to the target's
-   (:mod:`matcher_core.matching`); a target with too few or too poor matches is rejected here, so
+   (:mod:`matcher_core.matching`), several shots pooled by consensus; matched points that look
+   more like the label's negative evidence than like the reference are dropped. A target with too
+   few or too poor matches, or one that looks like what annotators deleted, is rejected here, so
    a target without the object returns nothing.
 2. *prompts*: k-means over the matched points and part-level, instance-level and global prompt
    sets (:mod:`matcher_core.prompts`).
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .features import ImageFeatures
-from .matching import match_shots
+from .matching import filter_negative_matches, match_shots
 from .prompts import PromptBatch, sample_prompts
 from .reference import Instance, LabelReference
 from .sam_decoder import DecoderOutput, SamDecoder
@@ -133,7 +135,9 @@ def segment_label(
 
     ``segmenter`` provides ``config``, ``decoder`` (:class:`SamDecoder`) and ``timed(stage)``.
     Returns ``[]`` when fewer than ``config.min_matched_points`` patches match bidirectionally or
-    the match quality is below ``config.rejection_threshold`` (the object is taken to be absent).
+    the match quality is below ``config.rejection_threshold`` (the object is taken to be absent),
+    and when the label has negative evidence and the matched points mostly resemble it
+    (:meth:`matcher_core.matching.NegativeCheck.looks_deleted`).
     Otherwise at most ``config.max_instances`` instances, each an ``(H, W)`` bool mask at the
     target's original resolution of at least ``config.min_instance_area`` pixels with a score in
     [0, 1]. The per-label score threshold is applied by the caller. Random choices come from
@@ -148,7 +152,16 @@ def segment_label(
     height, width = target.original_size
 
     with segmenter.timed("matching"):
-        match = match_shots(label_ref.shots, target.patch_features)
+        match = match_shots(label_ref.shots, target.patch_features, config.shot_pooling)
+        reference_features = _reference_features(label_ref)
+        # Matched points that resemble what annotators deleted more than the reference are no
+        # prompts; when most are such points, the target shows the deleted kind, not the object.
+        check = filter_negative_matches(
+            match, target.patch_features, reference_features, label_ref.negatives
+        )
+        match = check.kept
+    if check.looks_deleted(config.negative_rejection_fraction, config.negative_rejection_margin):
+        return []
     if len(match) < max(1, config.min_matched_points) or match.quality < config.rejection_threshold:
         return []
 
@@ -177,7 +190,7 @@ def segment_label(
         scores = score_proposals(
             inside,
             target_flat,
-            _reference_features(label_ref),
+            reference_features,
             match.target_indices,
             config,
             label_ref.negatives,

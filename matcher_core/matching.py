@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -150,22 +151,51 @@ def _flat_features(features: np.ndarray | torch.Tensor) -> np.ndarray:
     return features.reshape(-1, features.shape[-1])
 
 
-def match_shots(shots: Sequence[Shot], target_features: np.ndarray | torch.Tensor) -> MatchResult:
-    """Bidirectional matches of every shot against one target, pooled.
+Pooling = Literal["union", "consensus"]
 
-    Each shot is matched on its own (its own mask and background take part in the reverse check);
-    the kept target cells of all shots are pooled and a cell found by several shots is kept once,
-    with the shot that matched it most similarly.
+
+def match_shots(
+    shots: Sequence[Shot], target_features: np.ndarray | torch.Tensor, pooling: Pooling = "union"
+) -> MatchResult:
+    """Bidirectional matches of every shot against one target, pooled (:func:`pool_matches`).
+
+    Each shot is matched on its own (its own mask and background take part in the reverse check).
 
     Args:
         shots: reference shots with ``(gh, gw, D)`` patch features on the same encoder as the target.
         target_features: ``(gh, gw, D)`` or ``(gh * gw, D)`` target patch features.
+        pooling: ``union`` or ``consensus`` (see :func:`pool_matches`).
     """
     target = _flat_features(target_features)
-    results = [
-        bidirectional_match(_flat_features(shot.patch_features), shot_mask_cells(shot), target, i)
-        for i, shot in enumerate(shots)
-    ]
+    return pool_matches(
+        [
+            bidirectional_match(
+                _flat_features(shot.patch_features), shot_mask_cells(shot), target, i
+            )
+            for i, shot in enumerate(shots)
+        ],
+        pooling,
+    )
+
+
+def pool_matches(results: Sequence[MatchResult], pooling: Pooling = "union") -> MatchResult:
+    """Pool per-shot matches on one target; a target cell found by several shots is kept once,
+    with the shot that matched it most similarly.
+
+    * ``union``: every cell any shot matched.
+    * ``consensus``: at most as many cells as one shot matches (the median over shots), those
+      matched by the most shots first, then the most similar. Why: each shot's forward matching
+      assigns *every* one of its object cells somewhere, so the union of ``k`` shots holds up to
+      ``k`` times the object's size in points and, measured on real features
+      (``bench/learning_curve.py``), its precision falls as shots are added. Cells several shots
+      agree on are the object; a cell only one shot reached is mostly that shot's leftovers.
+      With one shot both modes are the same.
+
+    Exposed so that callers matching the same shots against many targets (``bench/``) can match
+    each shot once and pool any subset of shots later.
+    """
+    if pooling not in ("union", "consensus"):
+        raise ValueError(f"unknown pooling {pooling!r}; choose union or consensus")
     results = [r for r in results if r.forward_matches]
     if not results:
         return MatchResult.empty()
@@ -174,8 +204,15 @@ def match_shots(shots: Sequence[Shot], target_features: np.ndarray | torch.Tenso
     similarities = np.concatenate([r.similarities for r in results])
     by_similarity = np.argsort(-similarities, kind="stable")
     # np.unique keeps the first occurrence in the similarity-sorted order: the best shot per cell.
-    _, first = np.unique(target_indices[by_similarity], return_index=True)
+    cells, first, votes = np.unique(
+        target_indices[by_similarity], return_index=True, return_counts=True
+    )
     chosen = by_similarity[first]  # sorted by target index, since np.unique sorts its values
+    if pooling == "consensus" and len(results) > 1:
+        budget = int(round(float(np.median([len(r) for r in results]))))
+        # Most votes first, then the highest similarity, then the lower cell index (stable).
+        rank = np.lexsort((cells, -similarities[chosen], -votes))
+        chosen = chosen[np.sort(rank[:budget])]  # back to target-index order
     return MatchResult(
         target_indices=target_indices[chosen],
         reference_indices=np.concatenate([r.reference_indices for r in results])[chosen],
@@ -183,3 +220,68 @@ def match_shots(shots: Sequence[Shot], target_features: np.ndarray | torch.Tenso
         similarities=similarities[chosen],
         forward_matches=forward_matches,
     )
+
+
+@dataclass
+class NegativeCheck:
+    """Matches split by negative evidence (:func:`filter_negative_matches`)."""
+
+    kept: MatchResult
+    """Matches closer to the reference than to any negative."""
+    dropped_similarities: np.ndarray
+    """``(K,)`` forward-match cosines of the dropped matches."""
+
+    @property
+    def dropped_fraction(self) -> float:
+        """Fraction of the matches dropped (0 when nothing was matched)."""
+        total = len(self.kept) + len(self.dropped_similarities)
+        return len(self.dropped_similarities) / total if total else 0.0
+
+    def looks_deleted(self, max_fraction: float, margin: float) -> bool:
+        """Whether the target shows the kind of thing annotators deleted rather than the object:
+        more than ``max_fraction`` of the matches were dropped, and the kept ones do not match the
+        reference clearly better (by ``margin`` mean cosine) than the dropped ones did.
+
+        The margin spares a target that shows a small object beside a large look-alike: most
+        matches fall on the look-alike and are dropped, but the few kept ones are the object's
+        and match better; when the object is absent, the kept leftovers match worse.
+        """
+        if self.dropped_fraction <= max_fraction:
+            return False
+        kept = float(self.kept.similarities.mean()) if len(self.kept) else -1.0
+        return kept < float(self.dropped_similarities.mean()) + margin
+
+
+def filter_negative_matches(
+    match: MatchResult,
+    target_features: np.ndarray | torch.Tensor,
+    object_features: np.ndarray,
+    negatives: np.ndarray | None,
+) -> NegativeCheck:
+    """Drop the matched target cells that look more like negative evidence than like the object.
+
+    A matched cell is dropped when its nearest negative (highest cosine over ``negatives``) is
+    more similar than its nearest reference object cell (highest cosine over ``object_features``).
+    Nearest neighbours, not means: negatives pool regions of many deleted predictions, and a
+    target cell needs to resemble only one of them to be suspect.
+
+    Args:
+        match: matches on the target (flat indices into ``target_features``).
+        target_features: ``(gh, gw, D)`` or ``(gh * gw, D)`` target patch features.
+        object_features: ``(N, D)`` reference object features (the masked cells of every shot).
+        negatives: ``(Nn, D)`` features of regions annotators deleted, or ``None`` (keeps all).
+    """
+    if negatives is None or len(negatives) == 0 or len(match) == 0:
+        return NegativeCheck(match, np.zeros(0, np.float32))
+    target = l2_normalise(_flat_features(target_features)[match.target_indices])
+    to_object = (target @ l2_normalise(object_features).T).max(1)
+    to_negative = (target @ l2_normalise(negatives).T).max(1)
+    keep = to_negative <= to_object
+    kept = MatchResult(
+        target_indices=match.target_indices[keep],
+        reference_indices=match.reference_indices[keep],
+        shot_indices=match.shot_indices[keep],
+        similarities=match.similarities[keep],
+        forward_matches=match.forward_matches,
+    )
+    return NegativeCheck(kept, match.similarities[~keep])

@@ -90,7 +90,7 @@ def cell_centre(decoder: SamDecoder, cell: tuple[int, int]) -> tuple[float, floa
 
 def attention_prior(prior: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """PerSAM's target-guided attention bias: ``sigmoid((prior - mean) / std)`` over the image's
-    cells, ``(He, We)``; padding cells get 0 (the weakest bias) so they never attract attention."""
+    cells, ``(He, We)``; padding cells get 0, the weakest bias, so they draw no extra attention."""
     values = prior[valid]
     std = values.std() if values.numel() > 1 else values.new_tensor(0.0)
     standardised = (prior - values.mean()) / std.clamp_min(1e-6)

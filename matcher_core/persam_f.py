@@ -5,7 +5,9 @@ The blend is ``(1 - w1 - w2) * m0 + w1 * m1 + w2 * m2`` over SAM's multimask log
 on annotated examples of the label. The prompts of an example are PerSAM's first pass on that
 example: positive and negative point from the example's own location prior, target-guided
 attention and target-semantic prompting, multimask output; the same decoder call the weights are
-used on at inference (:func:`matcher_core.persam.cascade`).
+used on at inference (:func:`matcher_core.persam.cascade`). (The published PerSAM-F script
+trains and predicts with the positive point only and no hooks; here training and inference share
+PerSAM's first pass, so the weights blend the logits they will actually be applied to.)
 
 Why training is fast here: SAM is frozen and its decoder output does not depend on the two
 weights, so each example is decoded *once* and its 3 logits, upscaled to the mask's resolution,

@@ -86,6 +86,10 @@ class LabelReference:
     """PerSAM-F blend of SAM's 3 multimask logits, ``(3,)`` float32 summing to 1."""
     score_threshold: float | None = None
     """Tuned per-label instance score threshold (None: the configuration's)."""
+    base_shots: int | None = None
+    """How many leading :attr:`shots` are the annotated reference itself; the rest were added by
+    learning from corrections (:mod:`matcher_core.learning`), which rebuilds them from scratch.
+    ``None``: every shot is a reference shot (nothing learned)."""
 
     def sam_target_embedding(self) -> np.ndarray:
         """``(C,)`` mean of the shots' SAM target embeddings."""
@@ -110,6 +114,7 @@ class Reference:
                 "score_threshold": ref.score_threshold,
                 "negatives": ref.negatives is not None,
                 "mask_weights": ref.mask_weights is not None,
+                "base_shots": ref.base_shots,
             }
             for si, shot in enumerate(ref.shots):
                 arrays[f"l{li}s{si}f"] = shot.patch_features.astype(np.float16)
@@ -151,6 +156,7 @@ class Reference:
                         negatives=data[f"l{li}n"] if entry["negatives"] else None,
                         mask_weights=data[f"l{li}w"] if entry["mask_weights"] else None,
                         score_threshold=entry.get("score_threshold"),
+                        base_shots=entry.get("base_shots"),
                     )
         except (OSError, KeyError, ValueError, json.JSONDecodeError) as error:
             raise ValueError(f"not a serialised reference: {error}") from error

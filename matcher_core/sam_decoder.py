@@ -15,6 +15,12 @@ and ``TwoWayTransformer`` (same modules, same arithmetic), for two reasons:
   that broadcasts, so their projections are computed once instead of B times.
 
 With both hooks off the output equals the stock decoder's (``tests/test_sam_decoder.py``).
+
+The hooks follow the PerSAM paper: the attention prior is added to the softmax-normalised
+token-to-image attention of each two-way block (not the final attention), which is normalised
+again; the target embedding is added to the tokens before each block and to the final
+attention's queries. (The published code adds it in place to a tensor that is also the first
+block's positional encoding, so there it leaks into the positional term too; here it does not.)
 """
 
 from __future__ import annotations

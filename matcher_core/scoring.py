@@ -34,7 +34,7 @@ CONTAINMENT = 0.8
 """Two proposals are also one instance when this fraction of the smaller lies inside the larger
 (an object and one of its parts have a low IoU but are still one instance)."""
 NEGATIVE_TEMPERATURE = 0.05
-"""Softness of the negative-evidence factor (in units of plan-weighted cosine)."""
+"""Softness of the negative-evidence factor (in units of cosine)."""
 MIN_COMPONENT_FRACTION = 0.05
 """Connected pieces of a SAM mask smaller than this fraction of the mask are speckles, dropped."""
 
@@ -175,8 +175,12 @@ def score_proposals(
         matched_cells: ``(M,)`` flat indices of the bidirectionally matched target cells.
         config: weights and ``emd_max_points``.
         negatives: ``(Nn, D)`` features of regions annotators rejected for this label, or ``None``.
-            A proposal's plan-weighted cosine to them is compared with the one to the reference
-            and the raw score is multiplied by :func:`negative_factor`.
+            Each proposal cell's nearest-neighbour cosine to them is compared with its
+            nearest-neighbour cosine to the reference; the raw score is multiplied by
+            :func:`negative_factor` of the two means over the proposal's cells. Nearest neighbours
+            rather than an EMD: negatives pool the regions of many deleted predictions, and an
+            EMD to the pooled set would spread each proposal over all of them, so a proposal that
+            resembles one deleted region exactly would still look unlike "the negatives".
     """
     inside = np.asarray(inside, dtype=bool)
     target_features = np.asarray(target_features, dtype=np.float32)
@@ -185,18 +189,18 @@ def score_proposals(
     factor = np.ones(count)
     valid = inside.any(1)
     reference = reduce_points(np.asarray(reference_features, np.float32), config.emd_max_points)
-    negative = None
+    negative = positive = None
     if negatives is not None and len(negatives):
-        negative = reduce_points(np.asarray(negatives, np.float32), config.emd_max_points)
+        negative = l2_normalise(negatives)
+        positive = l2_normalise(reference_features)
     for p in np.flatnonzero(valid):
         features = target_features[inside[p]]
         emd[p] = emd_distance(reference, features, config.emd_max_points)
         if negative is not None:
-            positive_similarity = max(0.0, 1.0 - 2.0 * emd[p])
-            negative_similarity = max(
-                0.0, 1.0 - 2.0 * emd_distance(negative, features, config.emd_max_points)
+            cells = l2_normalise(features)
+            factor[p] = negative_factor(
+                float((cells @ positive.T).max(1).mean()), float((cells @ negative.T).max(1).mean())
             )
-            factor[p] = negative_factor(positive_similarity, negative_similarity)
     emd_similarity = np.clip(1.0 - 2.0 * emd, 0.0, 1.0)
     purity, coverage = purity_coverage(inside, matched_cells)
     raw = _weighted(config, emd_similarity, purity, coverage) * factor

@@ -239,29 +239,36 @@ def test_later_annotations_go_to_the_learning_hook_and_change_the_version(make_r
     submit(runtime, fake_ls, 101, seed=1)
     second = runtime.store.load(str(PROJECT))
 
-    assert ThresholdLearner.calls == [[101]]
+    # The hook sees every stored annotation (learning rebuilds from the reference each time).
+    assert ThresholdLearner.calls == [[100, 101]]
     assert first.model_version != second.model_version != WAITING_VERSION
     assert second.applied_examples == ["annotation:100", "annotation:101"]
     learned = Reference.from_bytes(second.reference)
-    assert learned.labels["Cat"].score_threshold == pytest.approx(0.4)
+    assert learned.labels["Cat"].score_threshold == pytest.approx(0.3)
     assert [v["model_version"] for v in runtime.store.versions(str(PROJECT))] == [
         first.model_version,
         second.model_version,
     ]
 
 
-def test_without_learning_later_annotations_stay_pending_and_the_version_holds(
-    make_runtime, fake_ls
-):
+def test_a_correction_is_learned_and_changes_the_model_version(make_runtime, fake_ls):
     runtime = connected_runtime(make_runtime, fake_ls)
     submit(runtime, fake_ls, 100, seed=0)
-    version = runtime.store.load(str(PROJECT)).model_version
+    first = runtime.store.load(str(PROJECT))
     submit(runtime, fake_ls, 101, seed=1)
 
-    state = runtime.store.load(str(PROJECT))
-    assert state.model_version == version
-    assert state.applied_examples == ["annotation:100"]
-    assert list(runtime.store.examples(str(PROJECT))) == ["annotation:100", "annotation:101"]
+    second = runtime.store.load(str(PROJECT))
+    assert second.model_version not in (first.model_version, WAITING_VERSION)
+    assert second.applied_examples == ["annotation:100", "annotation:101"]
+    assert second.learned["examples"] == 2
+    cat = Reference.from_bytes(second.reference).labels["Cat"]
+    assert len(cat.shots) == 2 and cat.base_shots == 1  # the correction joined the references
+    assert cat.mask_weights is not None  # PerSAM-F weights trained on the examples
+    metrics = runtime.metrics.render()
+    assert (
+        f'oneshot_last_training{{project="{PROJECT}",label="Cat",quantity="examples"}} 2.0'
+        in metrics
+    )
 
 
 def test_a_failing_training_keeps_the_previous_version_serving(make_runtime, fake_ls):

@@ -325,7 +325,9 @@ def test_deleting_the_reference_annotation_promotes_the_next_one(backend, fake_l
     second = annotation_event(PROJECT, 101, 2, url, [brush_result(square_mask(box=(5, 5, 30, 30)))])
     client.post("/webhook", json=second)
     assert runtime.jobs.wait_idle(60)
-    assert runtime.store.load(str(PROJECT)).model_version == first  # stored for learning
+    learned = runtime.store.load(str(PROJECT))
+    assert learned.model_version != first  # the second annotation was learned from
+    assert learned.reference_source["annotation_id"] == 100
 
     deleted = {
         "action": "ANNOTATIONS_DELETED",
@@ -337,7 +339,7 @@ def test_deleting_the_reference_annotation_promotes_the_next_one(backend, fake_l
 
     state = runtime.store.load(str(PROJECT))
     assert state.reference_source["annotation_id"] == 101
-    assert state.model_version not in (first, WAITING_VERSION)
+    assert state.model_version not in (first, learned.model_version, WAITING_VERSION)
 
 
 @needs_segment
