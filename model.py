@@ -450,12 +450,19 @@ class OneShotModel:
             return self._delete_annotations(data.get("annotations"))
         if event == "ANNOTATIONS_CREATED":
             annotations = data.get("annotation")
-            task_list = data.get("task")
+            task_list = data.get("task") if isinstance(data.get("task"), list) else []
             if not isinstance(annotations, list):
                 raise BadRequest("ANNOTATIONS_CREATED without an 'annotation' list")
-            tasks_by_id = {t.get("id"): t for t in (task_list or []) if isinstance(t, dict)}
+            ids = (int, str)  # anything else in an id field cannot name a task
+            tasks_by_id = {
+                t["id"]: t
+                for t in task_list
+                if isinstance(t, dict) and isinstance(t.get("id"), ids)
+            }
             pairs = [
-                (a, tasks_by_id.get(a.get("task"))) for a in annotations if isinstance(a, dict)
+                (a, tasks_by_id.get(a["task"]) if isinstance(a.get("task"), ids) else None)
+                for a in annotations
+                if isinstance(a, dict)
             ]
         else:
             pairs = [(data.get("annotation"), data.get("task"))]
@@ -806,6 +813,14 @@ class OneShotModel:
             annotation_id = annotation["id"]
             if isinstance(annotation_id, bool) or not isinstance(annotation_id, (int, str)):
                 raise BadRequest(f"{event}: annotation id {str(annotation_id)[:40]!r} is not an id")
+            task_ref = annotation.get("task")
+            if task_ref is not None and (
+                isinstance(task_ref, bool) or not isinstance(task_ref, (int, str))
+            ):
+                raise BadRequest(
+                    f"{event}: annotation {annotation_id} names task {str(task_ref)[:40]!r}, "
+                    "not a task id"
+                )
             if annotation.get("was_cancelled"):
                 skipped.append(f"annotation {annotation_id} is a skipped task")
                 continue

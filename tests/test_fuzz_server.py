@@ -419,6 +419,10 @@ HOSTILE = [
      "original_height and original_width"),
     ("/webhook", json.dumps({**valid_event(), "annotation": {**valid_event()["annotation"],
      "id": [1]}}), 400, "is not an id"),
+    ("/webhook", json.dumps({**BULK_EVENT, "annotation": [None, {**valid_event(502)["annotation"],
+     "task": []}]}), 400, "not a task id"),
+    ("/webhook", json.dumps({**BULK_EVENT, "task": 5}), 200, ""),
+    ("/webhook", json.dumps({**BULK_EVENT, "task": [{"id": {"a": 1}}, 3, None]}), 200, ""),
 ]  # fmt: skip
 
 
