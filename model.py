@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from backend.fetch import FetchError, fetch_image_bytes
+from backend.jobs import resume_stalled_training
 from backend.labelstudio import (
     AnnotationError,
     ConfigError,
@@ -46,7 +47,13 @@ from backend.labelstudio import (
 )
 from backend.ls_api import LabelStudioAPI
 from backend.runtime import Runtime, get_runtime
-from backend.store import WAITING_VERSION, ProjectState, StoreError, StoreUnavailable
+from backend.store import (
+    WAITING_VERSION,
+    LockLost,
+    ProjectState,
+    StoreError,
+    StoreUnavailable,
+)
 from matcher_core import Example, Instance, Reference
 from matcher_core.imageio import ImageError, load_image
 from matcher_core.learning import Correction
@@ -79,6 +86,17 @@ class BadRequest(BackendError):
 
 class ServiceUnavailable(BackendError):
     status = 503
+
+
+class LimitExceeded(BackendError):
+    """A request over one of the documented limits (the message names the setting)."""
+
+    status = 413
+
+
+def store_failure(error: StoreError) -> BackendError:
+    """The HTTP error for a store failure: 503 unreachable, 507 project over its byte cap."""
+    return BackendError(f"state store unavailable: {error}", status=error.http_status)
 
 
 def project_id_of(value: Any) -> str:
@@ -117,6 +135,8 @@ def schema_of(label_config: str | None) -> LabelingSchema:
             "no label config: Label Studio sends it at /setup and with /predict; connect the "
             "backend to the project first"
         )
+    if not isinstance(label_config, str):
+        raise BadRequest(f"the label config must be a string, not {type(label_config).__name__}")
     try:
         return _parse_config_cached(label_config)
     except ConfigError as error:
@@ -246,13 +266,13 @@ class OneShotModel:
         try:
             return self.store.load(self._project())
         except StoreError as error:
-            raise ServiceUnavailable(f"state store unavailable: {error}") from error
+            raise store_failure(error) from error
 
     def _update_state(self, change, reason: str = "") -> ProjectState:
         try:
             return self.store.update(self._project(), change, reason)
         except StoreError as error:
-            raise ServiceUnavailable(f"state store unavailable: {error}") from error
+            raise store_failure(error) from error
 
     def _schema(self, state: ProjectState | None = None) -> LabelingSchema:
         label_config = self.label_config or (state.label_config if state else None)
@@ -269,7 +289,13 @@ class OneShotModel:
 
     def _api(self, state: ProjectState) -> LabelStudioAPI:
         hostname, token = self._connection(state)
-        return LabelStudioAPI(hostname or "", token or "", timeout=self.settings.fetch_timeout)
+        return LabelStudioAPI(
+            hostname or "",
+            token or "",
+            timeout=self.settings.fetch_timeout,
+            retries=self.settings.post_retries,
+            backoff=self.settings.post_retry_backoff,
+        )
 
     def _load_task_image(self, task: dict, schema: LabelingSchema, state: ProjectState):
         """``(H, W, 3)`` uint8 RGB image of a task (downloaded, EXIF-rotated, pixel-capped)."""
@@ -285,7 +311,12 @@ class OneShotModel:
             timeout=self.settings.fetch_timeout,
             allowed_hosts=self.settings.allowed_hosts,
         )
-        return load_image(data, self.settings.max_image_pixels)
+        try:
+            return load_image(data, self.settings.max_image_pixels)
+        except ImageError as error:
+            if "exceeds the cap" in str(error):  # name the setting that decides it
+                raise ImageError(f"{error} (MAX_IMAGE_PIXELS)") from error
+            raise
 
     # ----------------------------------------------------------------------------------
     # LabelStudioMLBase interface
@@ -303,6 +334,12 @@ class OneShotModel:
             BadRequest: the label config cannot be used (Label Studio shows the message).
         """
         schema = self._schema() if self.label_config else None
+        # What the environment pins is never taken from /setup, nor stored (a token the
+        # operator configured needs no copy in the state store).
+        if self.settings.label_studio_url:
+            hostname = None
+        if self.settings.label_studio_api_key:
+            access_token = None
         connection = {
             k: v for k, v in (("hostname", hostname), ("access_token", access_token)) if v
         }
@@ -325,6 +362,7 @@ class OneShotModel:
             return state if changed else None
 
         state = self._update_state(change, reason="setup")
+        resume_stalled_training(self.runtime, state)
         self.runtime.warm_up()
         log.info(
             "project %s set up (%s; labels %s); model version %s",
@@ -349,7 +387,13 @@ class OneShotModel:
         """
         if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
             raise BadRequest("'tasks' must be a list of task objects")
+        if len(tasks) > self.settings.max_tasks_per_request:
+            raise LimitExceeded(
+                f"{len(tasks)} tasks in one request; the limit is "
+                f"{self.settings.max_tasks_per_request} (MAX_TASKS_PER_REQUEST)"
+            )
         state = self._load_state()
+        resume_stalled_training(self.runtime, state)
         schema = self._schema(state)
         if context and isinstance(context, dict) and context.get("result"):
             return self._predict_interactive(tasks, context, schema, state)
@@ -406,12 +450,19 @@ class OneShotModel:
             return self._delete_annotations(data.get("annotations"))
         if event == "ANNOTATIONS_CREATED":
             annotations = data.get("annotation")
-            task_list = data.get("task")
+            task_list = data.get("task") if isinstance(data.get("task"), list) else []
             if not isinstance(annotations, list):
                 raise BadRequest("ANNOTATIONS_CREATED without an 'annotation' list")
-            tasks_by_id = {t.get("id"): t for t in (task_list or []) if isinstance(t, dict)}
+            ids = (int, str)  # anything else in an id field cannot name a task
+            tasks_by_id = {
+                t["id"]: t
+                for t in task_list
+                if isinstance(t, dict) and isinstance(t.get("id"), ids)
+            }
             pairs = [
-                (a, tasks_by_id.get(a.get("task"))) for a in annotations if isinstance(a, dict)
+                (a, tasks_by_id.get(a["task"]) if isinstance(a.get("task"), ids) else None)
+                for a in annotations
+                if isinstance(a, dict)
             ]
         else:
             pairs = [(data.get("annotation"), data.get("task"))]
@@ -519,7 +570,22 @@ class OneShotModel:
             elapsed = time.monotonic() - started
             if index > 0 and can_defer and elapsed + slowest > budget:
                 rest = tasks[index:]
-                job_ids = self.runtime.jobs.submit_predictions(state.project_id, rest)
+                try:
+                    job_ids = self.runtime.jobs.submit_predictions(state.project_id, rest)
+                except StoreError as error:
+                    # No queue: these tasks get nothing now and Label Studio asks again later.
+                    log.error(
+                        "project %s: cannot defer %d task(s): %s",
+                        state.project_id,
+                        len(rest),
+                        error,
+                    )
+                    errors.extend(
+                        {"task": t.get("id"), "error": f"not predicted in time, and {error}"}
+                        for t in rest
+                    )
+                    results.extend([] for _ in rest)
+                    break
                 log.info(
                     "project %s: %d task(s) predicted in %.1f s; %d more continue in the "
                     "background (jobs %s)",
@@ -656,6 +722,8 @@ class OneShotModel:
     # ----------------------------------------------------------------------------------
     def _record_label_config(self) -> ProjectState:
         label_config = self.label_config
+        if label_config:
+            schema_of(label_config)  # an unusable config is refused (400), never stored
 
         def change(state: ProjectState) -> ProjectState | None:
             if not label_config or state.label_config == label_config:
@@ -668,15 +736,50 @@ class OneShotModel:
 
     def _validate_annotation(self, annotation: dict, schema: LabelingSchema) -> None:
         """Reject an unusable annotation before storing it (decodes its masks at the size it
-        was drawn at; rectangles / keypoints count as their footprint here)."""
+        was drawn at; rectangles / keypoints count as their footprint here).
+
+        Raises:
+            BadRequest: no results, sizes that disagree or are not numbers, corrupt results.
+            LimitExceeded: drawn on more than ``MAX_IMAGE_PIXELS``, or more than
+                ``MAX_INSTANCES_PER_LABEL`` regions of one label.
+        """
         results = annotation.get("result")
         if not isinstance(results, list) or not results:
             raise BadRequest(f"annotation {annotation.get('id')} has no results")
-        sizes = {
-            (r.get("original_height"), r.get("original_width"))
-            for r in results
-            if isinstance(r, dict) and r.get("original_height") and r.get("original_width")
+        regions: dict[str, int] = {}
+        for result in results:
+            if not isinstance(result, dict) or not isinstance(result.get("type"), str):
+                continue
+            value = result.get("value")
+            labels = value.get(result["type"]) if isinstance(value, dict) else None
+            for label in labels if isinstance(labels, list) else ():
+                if isinstance(label, str):
+                    regions[label] = regions.get(label, 0) + 1
+        crowded = {
+            label: n for label, n in regions.items() if n > self.settings.max_instances_per_label
         }
+        if crowded:
+            label, count = max(crowded.items(), key=lambda item: item[1])
+            raise LimitExceeded(
+                f"annotation {annotation.get('id')}: {count} regions of label {label!r}; the "
+                f"limit is {self.settings.max_instances_per_label} (MAX_INSTANCES_PER_LABEL)"
+            )
+        sizes = set()
+        for result in results:
+            if not isinstance(result, dict):
+                continue
+            height, width = result.get("original_height"), result.get("original_width")
+            if height is None and width is None:
+                continue
+            if not all(
+                isinstance(side, (int, float)) and not isinstance(side, bool) and side >= 1
+                for side in (height, width)
+            ):
+                raise BadRequest(
+                    f"annotation {annotation.get('id')}: original_height and original_width "
+                    f"must be positive numbers, got {height!r} and {width!r}"
+                )
+            sizes.add((height, width))
         if len(sizes) > 1:
             raise BadRequest(
                 f"annotation {annotation.get('id')}: its results disagree on the image size "
@@ -685,6 +788,11 @@ class OneShotModel:
         if not sizes:
             return  # sizes unknown until the image is downloaded; the training checks then
         (height, width) = sizes.pop()
+        if height * width > self.settings.max_image_pixels:
+            raise LimitExceeded(
+                f"annotation {annotation.get('id')}: drawn on a {width:g}x{height:g} image, over "
+                f"the limit of {self.settings.max_image_pixels} pixels (MAX_IMAGE_PIXELS)"
+            )
         try:
             annotation_to_masks(
                 results, schema, (int(height), int(width)), _footprint_masker((height, width))
@@ -693,20 +801,32 @@ class OneShotModel:
             raise BadRequest(f"annotation {annotation.get('id')}: {error}") from error
 
     def _receive_annotations(self, pairs: list[tuple[Any, Any]], event: str) -> dict:
-        state = self._record_label_config()
+        """Validate every annotation of the event, then store them all and request a training.
+        A refused event (any annotation unusable, or the label config) writes nothing."""
+        state = self._load_state()
         schema = self._schema(state)
-        stored: list[str] = []
+        accepted: list[tuple[str, dict]] = []
         skipped: list[str] = []
         for annotation, task in pairs:
             if not isinstance(annotation, dict) or annotation.get("id") is None:
                 raise BadRequest(f"{event} without an annotation object with an 'id'")
+            annotation_id = annotation["id"]
+            if isinstance(annotation_id, bool) or not isinstance(annotation_id, (int, str)):
+                raise BadRequest(f"{event}: annotation id {str(annotation_id)[:40]!r} is not an id")
+            task_ref = annotation.get("task")
+            if task_ref is not None and (
+                isinstance(task_ref, bool) or not isinstance(task_ref, (int, str))
+            ):
+                raise BadRequest(
+                    f"{event}: annotation {annotation_id} names task {str(task_ref)[:40]!r}, "
+                    "not a task id"
+                )
             if annotation.get("was_cancelled"):
-                skipped.append(f"annotation {annotation['id']} is a skipped task")
+                skipped.append(f"annotation {annotation_id} is a skipped task")
                 continue
             self._validate_annotation(annotation, schema)
             if not isinstance(task, dict):
                 task = {"id": annotation.get("task")}
-            key = f"annotation:{annotation['id']}"
             payload = {
                 "annotation": {
                     k: annotation.get(k)
@@ -715,10 +835,15 @@ class OneShotModel:
                 "task": {k: task.get(k) for k in ("id", "data") if k in task},
                 "received_at": time.time(),
             }
+            accepted.append((f"annotation:{annotation_id}", payload))
+        stored: list[str] = []
+        if accepted:
+            self._record_label_config()
+        for key, payload in accepted:
             try:
                 self.store.put_example(self._project(), key, payload)
             except StoreError as error:
-                raise ServiceUnavailable(f"state store unavailable: {error}") from error
+                raise store_failure(error) from error
             stored.append(key)
         if stored:
             # An updated annotation is learned again (if it is the reference, the reference
@@ -754,7 +879,7 @@ class OneShotModel:
         try:
             deleted = self.store.delete_examples(self._project(), keys)
         except StoreError as error:
-            raise ServiceUnavailable(f"state store unavailable: {error}") from error
+            raise store_failure(error) from error
         state = self._update_state(
             lambda s: (
                 self._forget_applied(s, keys) if set(keys) & set(s.applied_examples) else None
@@ -819,21 +944,36 @@ class OneShotModel:
             len(stale),
         )
 
-    def train(self, full: bool = False) -> ProjectState:
+    def train(self, full: bool = False, fence: tuple[str, str] | None = None) -> ProjectState:
         """Bring the project's reference and learned state up to date (background job).
 
         Builds the reference from the first usable annotation when there is none (or when its
         annotation changed or was deleted, or ``full``), then hands later annotations to
         :meth:`learn`. A failure leaves the previous state and version serving.
+
+        Args:
+            fence: ``(lock, token)`` of the training lease: the result is written only while
+                that lease is held (see ``backend.jobs``).
         """
         started = time.perf_counter()
         project_id = self._project()
+        requested: float | None = None
         try:
             state = self.store.load(project_id)
+            requested = state.training_requested_at
             schema = self._schema(state)
             if full:
                 self._sync_examples_from_label_studio(state)
             stored = sorted(self.store.examples(project_id).items(), key=_example_order)
+            # An example stored again after it was learned (e.g. an annotation updated while
+            # the last training ran, which then marked the old content applied) is learned anew.
+            relearn = {
+                key
+                for key, payload in stored
+                if state.applied_stamps.get(key, payload.get("received_at"))
+                != payload.get("received_at")
+            }
+            state.applied_examples = [k for k in state.applied_examples if k not in relearn]
             segmenter = self.runtime.segmenter()
             loader = self._example_loader(schema, state, {})
             examples = [
@@ -880,19 +1020,26 @@ class OneShotModel:
                     reference, learned_something = learned, True
                     applied += [e.key for e in pending]
         except Exception as error:
-            self._training_failed(project_id, error, started)
+            self._training_failed(project_id, error, started, requested)
             raise
 
         if reference is None and failures:
             # Nothing usable now (Label Studio down, images failing): keep serving what we have.
             error = RuntimeError("no annotation could be used: " + "; ".join(failures.values()))
-            self._training_failed(project_id, error, started)
+            self._training_failed(project_id, error, started, requested)
             return self.store.load(project_id)
 
         if not rebuild and not learned_something:
             log.info("project %s: nothing new to learn (%d pending)", project_id, len(pending))
             self.metrics.trainings.inc("skipped")
-            return state
+            return self.store.update(
+                project_id,
+                lambda current: self._request_served(current, requested),
+                reason="nothing to learn",
+                fence=fence,
+            )
+        if reference is not None:
+            self._cap_shots(reference)
         version = model_version_of(reference, state.learned, self.settings.mode)
         blob = reference.to_bytes() if reference is not None else None
         source_info = None
@@ -909,12 +1056,19 @@ class OneShotModel:
             current.reference = blob
             current.reference_source = source_info
             current.applied_examples = applied
+            received = {key: payload.get("received_at") for key, payload in stored}
+            current.applied_stamps = {key: received.get(key) for key in applied}
             current.model_version = version
             current.learned = state.learned
             current.last_error = None
+            self._request_served(current, requested)
             return current
 
-        new_state = self.store.update(project_id, change, reason=reason)
+        try:
+            new_state = self.store.update(project_id, change, reason=reason, fence=fence)
+        except StoreError as error:
+            self._training_failed(project_id, error, started, requested)
+            raise
         seconds = time.perf_counter() - started
         self.metrics.trainings.inc("ok")
         self.metrics.training_seconds.observe(seconds)
@@ -932,16 +1086,51 @@ class OneShotModel:
         )
         return new_state
 
-    def _training_failed(self, project_id: str, error: BaseException, started: float) -> None:
+    @staticmethod
+    def _request_served(state: ProjectState, requested: float | None) -> ProjectState | None:
+        """Clear the training request this training started from (a later request stays: its
+        own training is queued). ``None`` (nothing to write) when there is nothing to clear."""
+        if state.training_requested_at is None or state.training_requested_at != requested:
+            return None
+        state.training_requested_at = None
+        return state
+
+    def _cap_shots(self, reference: Reference) -> None:
+        """Keep at most ``MAX_SHOTS_PER_LABEL`` shots per label (the newest), saying so."""
+        limit = self.settings.max_shots_per_label
+        for name, label_ref in reference.labels.items():
+            if len(label_ref.shots) > limit:
+                log.warning(
+                    "project %s label %r: %d reference shots, over the limit of %d "
+                    "(MAX_SHOTS_PER_LABEL); keeping the newest %d",
+                    self.project_id,
+                    name,
+                    len(label_ref.shots),
+                    limit,
+                    limit,
+                )
+                label_ref.shots = label_ref.shots[-limit:]
+
+    def _training_failed(
+        self,
+        project_id: str,
+        error: BaseException,
+        started: float,
+        requested: float | None = None,
+    ) -> None:
         self.metrics.trainings.inc("failed")
         self.metrics.training_seconds.observe(time.perf_counter() - started)
         log.error("project %s: training failed, previous version kept: %s", project_id, error)
-        if isinstance(error, StoreUnavailable):
+        if isinstance(error, (StoreUnavailable, LockLost)):
+            # Unreachable store: the request mark stays, and the training is resumed once the
+            # store is back. Lost lease: another trainer owns the project now.
             return
         message = f"{type(error).__name__}: {error}"
 
         def change(state: ProjectState) -> ProjectState:
             state.last_error = message[:1000]
+            # A clean failure is recorded, not retried in a loop: the next event retrains.
+            self._request_served(state, requested)
             return state
 
         try:

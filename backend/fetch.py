@@ -328,7 +328,7 @@ class _GuardedSession(requests.Session):
     def remaining(self) -> float:
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise FetchError("timed out fetching the image")
+            raise FetchError("timed out fetching the image (FETCH_TIMEOUT)")
         return left
 
     def request(self, method, url, **kwargs):  # type: ignore[override]
@@ -376,7 +376,7 @@ class _GuardedSession(requests.Session):
         if declared.isdigit() and int(declared) > self.max_bytes:
             response.close()
             raise FetchError(
-                f"image of {declared} bytes exceeds the cap of {self.max_bytes} bytes",
+                f"image of {declared} bytes exceeds the cap of {self.max_bytes} bytes (MAX_IMAGE_BYTES)",
                 response.status_code,
             )
         chunks = []
@@ -386,7 +386,8 @@ class _GuardedSession(requests.Session):
             if total > self.max_bytes:
                 response.close()
                 raise FetchError(
-                    f"image exceeds the cap of {self.max_bytes} bytes", response.status_code
+                    f"image exceeds the cap of {self.max_bytes} bytes (MAX_IMAGE_BYTES)",
+                    response.status_code,
                 )
             chunks.append(chunk)
             self.remaining()
@@ -524,10 +525,12 @@ def _read_file(path: str, max_bytes: int) -> bytes:
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size > max_bytes:
-            raise FetchError(f"image of {size} bytes exceeds the cap of {max_bytes} bytes")
+            raise FetchError(
+                f"image of {size} bytes exceeds the cap of {max_bytes} bytes (MAX_IMAGE_BYTES)"
+            )
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:  # the file grew while being read
-        raise FetchError(f"image exceeds the cap of {max_bytes} bytes")
+        raise FetchError(f"image exceeds the cap of {max_bytes} bytes (MAX_IMAGE_BYTES)")
     return data
 
 
@@ -536,7 +539,7 @@ def _decode_data_uri(url: str, max_bytes: int) -> bytes:
     if not comma:
         raise FetchError("malformed data: URI (no comma)")
     if len(payload) > max_bytes * 4 // 3 + 8:
-        raise FetchError(f"data: URI image exceeds the cap of {max_bytes} bytes")
+        raise FetchError(f"data: URI image exceeds the cap of {max_bytes} bytes (MAX_IMAGE_BYTES)")
     if header.endswith(";base64"):
         try:
             data = base64.b64decode(payload, validate=True)
@@ -545,7 +548,7 @@ def _decode_data_uri(url: str, max_bytes: int) -> bytes:
     else:
         data = urllib.parse.unquote_to_bytes(payload)
     if len(data) > max_bytes:
-        raise FetchError(f"data: URI image exceeds the cap of {max_bytes} bytes")
+        raise FetchError(f"data: URI image exceeds the cap of {max_bytes} bytes (MAX_IMAGE_BYTES)")
     return data
 
 
@@ -670,7 +673,7 @@ def _as_fetch_error(
             status = error.response.status_code
         return FetchError(_redact(_status_message(shown_url, status), secrets), status)
     if isinstance(error, requests.Timeout):
-        return FetchError(f"{shown_url}: timed out after {timeout:g} s")
+        return FetchError(f"{shown_url}: timed out after {timeout:g} s (FETCH_TIMEOUT)")
     if isinstance(error, requests.ConnectionError):
         return FetchError(_redact(f"{shown_url}: cannot connect ({error})", secrets))
     # The SDK raises bare Exception, ValueError, FileNotFoundError... with useful messages.

@@ -12,20 +12,30 @@ starts (or enqueues) a training. That training waits ``TRAIN_DEBOUNCE`` seconds,
 then trains on everything stored at that moment. Requests arriving during the training set the
 flag again and cause exactly one more training: a burst of N events gives 1-2 trainings.
 A store lock (``train:<project>``) keeps trainings of one project sequential across processes.
+
+Nothing lost when a trainer dies: the training lock is a *lease* of ``TRAIN_LOCK_TTL`` seconds
+(60 by default) that the training renews every third of it (:class:`Lease`), and the training
+commits its result fenced by that lease (a trainer that lost it writes nothing). Every request
+also records ``training_requested_at`` in the project's state, which a finished training clears.
+A request that finds that mark older than one lease while nobody holds the lock knows the
+trainer died (worker killed, machine lost) and starts the training again
+(:func:`resume_stalled_training`, called by ``/predict`` and ``/setup``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from .store import StoreError
+from .settings import redact_url
+from .store import ProjectState, StateStore, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -33,8 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUEUE_NAME = "oneshot"
-TRAIN_LOCK_TTL = 1800.0
-"""Seconds a training holds its project's lock at most (a crashed holder frees it then)."""
+TRAIN_LOCK_WAIT = 1800.0
+"""Seconds a training waits at most for another, live, training of the same project."""
 PREDICT_CHUNK = 16
 """Tasks per background prediction job (several RQ workers share a long batch)."""
 
@@ -55,6 +65,9 @@ class Jobs(Protocol):
     def wait_idle(self, timeout: float) -> bool:
         """Block until no job is queued or running (tests); False on timeout."""
 
+    def training_pending(self, project_id: str) -> bool:
+        """Whether this runner already has a training of ``project_id`` queued or running."""
+
     def shutdown(self) -> None: ...
 
 
@@ -63,23 +76,135 @@ class Jobs(Protocol):
 # ---------------------------------------------------------------------------------------------
 
 
+def train_lock_name(project_id: str) -> str:
+    return f"train:{project_id}"
+
+
+class Lease:
+    """A held store lock, renewed every third of ``ttl`` by a daemon thread until released.
+
+    ``fence`` goes to fenced writes (``store.update(..., fence=lease.fence)``): once the lease is
+    lost (not renewed in time, e.g. the store was unreachable for a whole ``ttl``, and maybe taken
+    by another process), those writes are refused, so two trainers never both commit.
+    """
+
+    def __init__(self, store: StateStore, name: str, token: str, ttl: float):
+        self.store, self.name, self.token, self.ttl = store, name, token, ttl
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, name=f"lease-{name}", daemon=True)
+        self._renewer.start()
+
+    @property
+    def fence(self) -> tuple[str, str]:
+        return (self.name, self.token)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                renewed = self.store.extend_lock(self.name, self.token, self.ttl)
+            except StoreError as error:
+                # Keep trying: the lease may still be valid when the store comes back.
+                log.warning("lock %s: could not renew its lease: %s", self.name, error)
+                continue
+            if not renewed:
+                log.error("lock %s: lease lost; this holder's writes will be refused", self.name)
+                self.lost.set()
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        self._renewer.join()
+        try:
+            self.store.release_lock(self.name, self.token)
+        except StoreError as error:
+            log.warning(
+                "lock %s: could not release it (%s); it expires within %g s",
+                self.name,
+                error,
+                self.ttl,
+            )
+
+
+def acquire_lease(store: StateStore, name: str, ttl: float, wait: float) -> Lease:
+    """Wait (at most ``wait`` seconds) for the lock ``name`` and hold it as a :class:`Lease`.
+
+    Raises:
+        StoreError: the lock stayed held (renewed by a live holder) for ``wait`` seconds.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        token = store.acquire_lock(name, ttl)
+        if token is not None:
+            return Lease(store, name, token, ttl)
+        if time.monotonic() > deadline:
+            raise StoreError(f"lock {name} held by another process for over {wait:g} s")
+        time.sleep(0.25)
+
+
 def train_with_project_lock(runtime: Runtime, project_id: str, full: bool) -> None:
-    """Run one training of ``project_id`` while holding its store lock (waits for the lock)."""
+    """Run one training of ``project_id`` while holding its training lease (waits for it)."""
     from model import OneShotModel
 
-    lock_name = f"train:{project_id}"
-    token = None
-    deadline = time.monotonic() + TRAIN_LOCK_TTL
-    while token is None:
-        token = runtime.store.acquire_lock(lock_name, TRAIN_LOCK_TTL)
-        if token is None:
-            if time.monotonic() > deadline:
-                raise StoreError(f"project {project_id}: training lock held for too long")
-            time.sleep(0.25)
+    lease = acquire_lease(
+        runtime.store, train_lock_name(project_id), runtime.settings.train_lock_ttl, TRAIN_LOCK_WAIT
+    )
     try:
-        OneShotModel(project_id=project_id, runtime=runtime).train(full=full)
+        OneShotModel(project_id=project_id, runtime=runtime).train(full=full, fence=lease.fence)
     finally:
-        runtime.store.release_lock(lock_name, token)
+        lease.release()
+
+
+def mark_training_requested(store: StateStore, project_id: str) -> None:
+    """Record in the project's state that a training is due (cleared by the training)."""
+
+    def change(state: ProjectState) -> ProjectState:
+        state.training_requested_at = time.time()
+        return state
+
+    store.update(project_id, change, reason="training requested")
+
+
+def training_lock_free(store: StateStore, project_id: str) -> bool:
+    """Whether nobody holds the project's training lease right now (probes by taking it)."""
+    token = store.acquire_lock(train_lock_name(project_id), 5.0)
+    if token is None:
+        return False
+    store.release_lock(train_lock_name(project_id), token)
+    return True
+
+
+def resume_stalled_training(runtime: Runtime, state: ProjectState) -> bool:
+    """Start again a training that was requested but never finished because its trainer died.
+
+    A training is stalled when its request mark is older than one lease plus the debounce and
+    neither this runner nor any lease holder is working on it. Re-requesting refreshes the mark,
+    so a project whose trainings keep dying is retried once per lease, not on every request.
+    Returns whether a training was requested. Never raises: a failing check only logs.
+    """
+    requested = state.training_requested_at
+    if requested is None:
+        return False
+    settings = runtime.settings
+    age = time.time() - requested
+    if age < settings.train_lock_ttl + settings.train_debounce:
+        return False
+    try:
+        if runtime.jobs.training_pending(state.project_id):
+            return False
+        if not training_lock_free(runtime.store, state.project_id):
+            return False
+        log.warning(
+            "project %s: a training requested %.0f s ago never finished (its worker died?); "
+            "starting it again",
+            state.project_id,
+            age,
+        )
+        runtime.jobs.request_training(state.project_id)
+    except StoreError as error:
+        log.warning("project %s: cannot resume its training now: %s", state.project_id, error)
+        return False
+    return True
 
 
 def predict_and_post(runtime: Runtime, project_id: str, tasks: list[dict]) -> None:
@@ -137,6 +262,7 @@ class ThreadJobs:
         self._predict_pool = ThreadPoolExecutor(1, thread_name_prefix="oneshot-predict")
 
     def request_training(self, project_id: str, full: bool = False) -> None:
+        mark_training_requested(self.runtime.store, project_id)
         with self._lock:
             slot = self._slots.setdefault(project_id, _TrainSlot())
             slot.requested = True
@@ -185,6 +311,11 @@ class ThreadJobs:
             with self._lock:
                 self._pending_predictions -= 1
                 self._lock.notify_all()
+
+    def training_pending(self, project_id: str) -> bool:
+        with self._lock:
+            slot = self._slots.get(project_id)
+            return slot is not None and slot.running
 
     def busy(self) -> bool:
         with self._lock:
@@ -236,35 +367,61 @@ class RQJobs:
         from rq import Queue
 
         self.runtime = runtime
-        self.connection = redis.Redis.from_url(redis_url, socket_connect_timeout=3)
+        self.redis_url = redis_url
+        self.connection = redis.Redis.from_url(
+            redis_url, socket_connect_timeout=3, socket_timeout=10
+        )
         self.queue = Queue(queue_name, connection=self.connection, default_timeout=3600)
         self.description = f"rq queue {queue_name!r}"
 
+    @contextlib.contextmanager
+    def _queue_errors(self, what: str) -> Iterator[None]:
+        """Redis failures of the queue as :class:`StoreUnavailable` (a 503 with the reason)."""
+        import redis
+
+        try:
+            yield
+        except redis.exceptions.RedisError as error:
+            raise StoreUnavailable(
+                f"job queue at {redact_url(self.redis_url)} is unreachable while {what} ({error})"
+            ) from error
+
     def request_training(self, project_id: str, full: bool = False) -> None:
         store = self.runtime.store
+        mark_training_requested(store, project_id)
         if full:
             store.acquire_lock(_full_key(project_id), 86400.0)
         # Only the request that sets the flag enqueues; the others ride on that job.
         if store.acquire_lock(_requested_key(project_id), 86400.0) is None:
             return
         try:
-            self.queue.enqueue(
-                rq_train, project_id, job_id=f"train-{project_id}-{uuid.uuid4().hex[:12]}"
-            )
+            with self._queue_errors("queueing a training"):
+                self.queue.enqueue(
+                    rq_train, project_id, job_id=f"train-{project_id}-{uuid.uuid4().hex[:12]}"
+                )
         except Exception:
             store.release_lock(_requested_key(project_id))
             raise
 
+    def training_pending(self, project_id: str) -> bool:
+        # The requested flag is set from the enqueue until the job starts.
+        probe = self.runtime.store.acquire_lock(_requested_key(project_id), 1.0)
+        if probe is None:
+            return True
+        self.runtime.store.release_lock(_requested_key(project_id), probe)
+        return False
+
     def submit_predictions(self, project_id: str, tasks: list[dict]) -> list[str]:
         ids = []
-        for start in range(0, len(tasks), PREDICT_CHUNK):
-            job = self.queue.enqueue(
-                rq_predict,
-                project_id,
-                tasks[start : start + PREDICT_CHUNK],
-                job_id=f"predict-{project_id}-{uuid.uuid4().hex[:12]}",
-            )
-            ids.append(job.id)
+        with self._queue_errors("queueing background predictions"):
+            for start in range(0, len(tasks), PREDICT_CHUNK):
+                job = self.queue.enqueue(
+                    rq_predict,
+                    project_id,
+                    tasks[start : start + PREDICT_CHUNK],
+                    job_id=f"predict-{project_id}-{uuid.uuid4().hex[:12]}",
+                )
+                ids.append(job.id)
         return ids
 
     def wait_idle(self, timeout: float) -> bool:

@@ -3,6 +3,15 @@
 Authentication follows Label Studio 1.23: a legacy token goes as ``Authorization: Token <key>``;
 a personal access token (a JWT refresh token) is exchanged at ``POST /api/token/refresh/`` for a
 short-lived access token sent as ``Bearer`` (the personal token itself gets 401).
+
+Posting predictions survives an unreachable or overloaded Label Studio without duplicates:
+:meth:`LabelStudioAPI.post_prediction` retries on no answer, 408, 429 and 5xx with exponential
+backoff (bounded), and before every attempt lists the task's predictions
+(``GET /api/predictions/?task=<id>``): one of the same ``model_version`` already there (an earlier
+attempt whose answer was lost, or an earlier run of the same job) is returned instead of posting
+again.
+
+Error messages never contain the token (it only travels in the ``Authorization`` header).
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import random
 import threading
 import time
 
@@ -19,6 +29,9 @@ log = logging.getLogger(__name__)
 
 ACCESS_TOKEN_LIFETIME = 240.0
 """Seconds an exchanged access token is reused (Label Studio issues them for 5 minutes)."""
+RETRY_STATUSES = frozenset({0, 408, 429, 500, 502, 503, 504})
+"""Outcomes worth retrying: no answer (0), timeouts, rate limiting, server errors."""
+MAX_BACKOFF = 60.0
 
 
 class LabelStudioAPIError(RuntimeError):
@@ -50,7 +63,14 @@ _access_lock = threading.Lock()
 class LabelStudioAPI:
     """A client for one Label Studio instance (``hostname``) and one token."""
 
-    def __init__(self, hostname: str, token: str, timeout: float = 30.0):
+    def __init__(
+        self,
+        hostname: str,
+        token: str,
+        timeout: float = 30.0,
+        retries: int = 5,
+        backoff: float = 1.0,
+    ):
         if not hostname:
             raise LabelStudioAPIError(
                 "no Label Studio URL: connect the backend from Label Studio (it sends its "
@@ -64,7 +84,12 @@ class LabelStudioAPI:
         self.hostname = hostname.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.retries = retries
+        """Further attempts after a retryable failure (see ``RETRY_STATUSES``)."""
+        self.backoff = backoff
+        """Seconds before the first retry; doubled at each one, at most ``MAX_BACKOFF``."""
         self.session = requests.Session()
+        self.session.trust_env = False  # no proxy or .netrc credentials from the environment
 
     def _authorization(self) -> str:
         kind = jwt_token_type(self.token)
@@ -122,17 +147,52 @@ class LabelStudioAPI:
     def task(self, task_id: int) -> dict:
         return self._send("GET", f"/api/tasks/{task_id}/")
 
+    def predictions(self, task_id: int) -> list[dict]:
+        """The task's predictions (``GET /api/predictions/?task=<id>``)."""
+        answer = self._send("GET", "/api/predictions/", params={"task": task_id})
+        if isinstance(answer, dict):  # a paginated answer
+            answer = answer.get("results")
+        if not isinstance(answer, list):
+            raise LabelStudioAPIError("the prediction list is not a list")
+        return [p for p in answer if isinstance(p, dict)]
+
     def post_prediction(
         self, task_id: int, result: list[dict], score: float, model_version: str
     ) -> dict:
-        """Store one prediction on a task (``POST /api/predictions/``)."""
-        return self._send(
-            "POST",
-            "/api/predictions/",
-            json={
-                "task": task_id,
-                "result": result,
-                "score": score,
-                "model_version": model_version,
-            },
-        )
+        """Store one prediction on a task (``POST /api/predictions/``), exactly once.
+
+        Each attempt first looks for a prediction of ``model_version`` on the task and returns it
+        if there is one, so retries (and reruns of a background job) never store a duplicate.
+        Retryable failures are retried ``retries`` times, waiting ``backoff`` seconds, then twice
+        that, and so on (with +-25 % jitter, so many workers do not retry in step).
+
+        Raises:
+            LabelStudioAPIError: a non-retryable answer (4xx), or the last retryable failure.
+        """
+        body = {"task": task_id, "result": result, "score": score, "model_version": model_version}
+        for attempt in range(self.retries + 1):
+            try:
+                for existing in self.predictions(task_id):
+                    if existing.get("model_version") == model_version:
+                        log.info(
+                            "task %s already has a prediction of %s; not posted again",
+                            task_id,
+                            model_version,
+                        )
+                        return existing
+                return self._send("POST", "/api/predictions/", json=body)
+            except LabelStudioAPIError as error:
+                if error.status not in RETRY_STATUSES or attempt == self.retries:
+                    raise
+                delay = min(self.backoff * 2**attempt, MAX_BACKOFF)
+                delay *= random.uniform(0.75, 1.25)
+                log.warning(
+                    "posting the prediction of task %s failed (%s); retry %d/%d in %.1f s",
+                    task_id,
+                    error,
+                    attempt + 1,
+                    self.retries,
+                    delay,
+                )
+                time.sleep(delay)
+        raise AssertionError("unreachable")

@@ -12,8 +12,12 @@
 ========================  ======================================================================
 
 Every route but ``/health`` takes HTTP basic auth when ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` are
-set. Errors are JSON ``{"error": message, "status": code}``: 4xx for bad input, 503 when the state
-store is unreachable, 500 for bugs; a request never takes the server down.
+set. Errors are JSON ``{"error": message, "status": code}``: 4xx for bad input (413 for a limit
+hit), 503 when the state store is unreachable, 507 when a project is over its storage cap, 500 for
+bugs; a request never takes the server down, and a refused request writes nothing.
+
+Bodies are checked before any handler sees them: at most ``MAX_REQUEST_BYTES``, valid JSON, an
+object, nested at most ``MAX_JSON_DEPTH`` deep, and the fields each route reads of the right type.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import logging
 import sys
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -83,27 +88,82 @@ def _credentials_match(settings: Settings) -> bool:
     return user_ok and pass_ok
 
 
-def _json_body() -> dict:
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether arrays/objects in ``value`` nest deeper than ``limit`` (iterative: a hostile
+    depth cannot exhaust the stack here)."""
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if type(child) in (dict, list))
+    return False
+
+
+def _json_body(max_depth: int) -> dict:
     """The request's JSON object.
 
     Raises:
-        BadRequest: the body is not JSON, or not an object.
+        BadRequest: the body is not JSON, not an object, or nested deeper than ``max_depth``.
     """
     from model import BadRequest
 
-    if not request.get_data(cache=True):
+    data = request.get_data(cache=True)
+    if not data:
         return {}
-    body = request.get_json(silent=True, force=True)
-    if body is None:
-        raise BadRequest("request body is not valid JSON")
+    too_deep = BadRequest(f"request body nests deeper than {max_depth} levels (MAX_JSON_DEPTH)")
+    try:
+        body = json.loads(data)
+    except RecursionError:
+        raise too_deep from None
+    except ValueError as error:  # includes UnicodeDecodeError and over-long integers
+        raise BadRequest(f"request body is not valid JSON ({str(error)[:200]})") from None
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(body).__name__}")
+    if nesting_exceeds(body, max_depth):
+        raise too_deep
     return body
+
+
+def _optional_text(body: dict, key: str) -> str | None:
+    """``body[key]`` when it is a string, None when absent or null.
+
+    Raises:
+        BadRequest: present with another type.
+    """
+    from model import BadRequest
+
+    value = body.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise BadRequest(f"'{key}' must be a string, not {type(value).__name__}")
+
+
+def _optional_url(body: dict, key: str) -> str | None:
+    """``body[key]`` as an ``http(s)://host`` URL (None when absent or empty).
+
+    Raises:
+        BadRequest: another type, or not an http(s) URL with a host.
+    """
+    from model import BadRequest
+
+    value = _optional_text(body, key)
+    if not value:
+        return None
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(f"'{key}' must be an http(s) URL, got {value[:100]!r}")
+    return value
 
 
 def create_app(runtime: Runtime | None = None) -> Flask:
     """The Flask application serving ``runtime`` (the process's runtime by default)."""
-    from model import BackendError, OneShotModel, project_id_of
+    from model import BackendError, BadRequest, OneShotModel, project_id_of
 
     runtime = runtime or get_runtime()
     settings = runtime.settings
@@ -158,7 +218,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     @app.errorhandler(StoreError)
     def store_error(error: StoreError):
         log.error("%s %s: state store failed: %s", request.method, request.path, error)
-        return _error(503, f"state store unavailable: {error}")
+        return _error(error.http_status, f"state store unavailable: {error}")
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
@@ -189,41 +249,55 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             }
         )
 
+    depth = settings.max_json_depth
+
     @app.post("/setup")
     def setup():
-        body = _json_body()
+        body = _json_body(depth)
         model = OneShotModel(
-            project_id=body.get("project"), label_config=body.get("schema"), runtime=runtime
+            project_id=body.get("project"),
+            label_config=_optional_text(body, "schema"),
+            runtime=runtime,
         )
-        version = model.setup(hostname=body.get("hostname"), access_token=body.get("access_token"))
+        version = model.setup(
+            hostname=_optional_url(body, "hostname"),
+            access_token=_optional_text(body, "access_token"),
+        )
         return jsonify({"model_version": version})
 
     @app.post("/predict")
     def predict():
-        body = _json_body()
+        body = _json_body(depth)
         params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        context = params.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise BadRequest(f"'params.context' must be an object, not {type(context).__name__}")
         model = OneShotModel(
-            project_id=body.get("project"), label_config=body.get("label_config"), runtime=runtime
+            project_id=body.get("project"),
+            label_config=_optional_text(body, "label_config"),
+            runtime=runtime,
         )
-        return jsonify(model.predict(body.get("tasks"), context=params.get("context")))
+        return jsonify(model.predict(body.get("tasks"), context=context))
 
     @app.post("/webhook")
     def webhook():
-        body = _json_body()
+        body = _json_body(depth)
         model = OneShotModel(runtime=runtime)
         return jsonify(model.fit(body.get("action"), body))
 
     @app.post("/train")
     def train():
-        body = _json_body()
+        body = _json_body(depth)
         model = OneShotModel(
-            project_id=body.get("project"), label_config=body.get("label_config"), runtime=runtime
+            project_id=body.get("project"),
+            label_config=_optional_text(body, "label_config"),
+            runtime=runtime,
         )
         return jsonify(model.fit("START_TRAINING", {"project": body.get("project")}))
 
     @app.get("/versions")
     def versions():
-        body = _json_body() if request.content_length else {}
+        body = _json_body(depth) if request.content_length else {}
         project = request.args.get("project") or body.get("project")
         project_id = project_id_of(project) if project is not None else None
         history = runtime.store.versions(project_id)

@@ -110,10 +110,23 @@ class Settings:
     """``text`` or ``json`` (one JSON object per line, for log collectors)."""
     # --- limits -------------------------------------------------------------------------
     max_request_bytes: int = 64 * 1024 * 1024
-    """Largest accepted request body (brush RLE of big images runs to megabytes)."""
+    """Largest accepted request body (brush RLE of big images runs to megabytes); 413 above."""
+    max_json_depth: int = 64
+    """Deepest nesting of arrays/objects accepted in a request body (Label Studio sends < 10);
+    400 above, before anything recursive touches the body."""
+    max_tasks_per_request: int = 1000
+    """Most tasks one ``/predict`` call may carry; 413 above."""
     max_image_bytes: int = 100 * 1024 * 1024
     max_image_pixels: int = 64_000_000
-    """Images with more pixels are refused (decompression bombs)."""
+    """Images with more pixels are refused (decompression bombs), and so are annotations drawn
+    on a larger ``original_width x original_height``."""
+    max_instances_per_label: int = 100
+    """Most regions of one label in one annotation (each becomes a mask); 413 above."""
+    max_shots_per_label: int = 8
+    """Most reference shots a label keeps; learning beyond it keeps the newest (logged)."""
+    max_project_state_bytes: int = 512 * 1024 * 1024
+    """Most bytes stored per project (state, reference and stored annotations together); a write
+    beyond it is refused with 507 and nothing is written."""
     fetch_timeout: float = 30.0
     allowed_hosts: tuple[str, ...] = ()
     """Extra hosts images may be downloaded from, besides Label Studio's own."""
@@ -124,6 +137,14 @@ class Settings:
     """Seconds a training waits for further events, so a burst of corrections trains once."""
     max_concurrent_inference: int = 1
     """Images segmented at the same time by one process (bounds GPU / CPU memory)."""
+    train_lock_ttl: float = 60.0
+    """Lease of a project's training lock, in seconds; the training renews it every third of
+    that, so a killed trainer frees the project within one lease and its training is rerun."""
+    post_retries: int = 5
+    """Retries of a background prediction post when Label Studio is unreachable or answers
+    408/429/5xx (exponential backoff; never posted twice, see ``backend/ls_api.py``)."""
+    post_retry_backoff: float = 1.0
+    """First retry delay in seconds (doubled each retry, at most 60 s)."""
     cache_bytes: int = 512 * 1024 * 1024
 
     @classmethod
@@ -181,8 +202,21 @@ class Settings:
             log_level=level,
             log_format=log_format,
             max_request_bytes=_number(env, "MAX_REQUEST_BYTES", cls.max_request_bytes, int, 1024),
+            max_json_depth=_number(env, "MAX_JSON_DEPTH", cls.max_json_depth, int, 8),
+            max_tasks_per_request=_number(
+                env, "MAX_TASKS_PER_REQUEST", cls.max_tasks_per_request, int, 1
+            ),
             max_image_bytes=_number(env, "MAX_IMAGE_BYTES", cls.max_image_bytes, int, 1),
             max_image_pixels=_number(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, int, 1),
+            max_instances_per_label=_number(
+                env, "MAX_INSTANCES_PER_LABEL", cls.max_instances_per_label, int, 1
+            ),
+            max_shots_per_label=_number(
+                env, "MAX_SHOTS_PER_LABEL", cls.max_shots_per_label, int, 1
+            ),
+            max_project_state_bytes=_number(
+                env, "MAX_PROJECT_STATE_BYTES", cls.max_project_state_bytes, int, 1024
+            ),
             fetch_timeout=_number(env, "FETCH_TIMEOUT", cls.fetch_timeout, float, 0.1),
             allowed_hosts=hosts,
             predict_time_budget=_number(
@@ -193,6 +227,11 @@ class Settings:
                 env, "MAX_CONCURRENT_INFERENCE", cls.max_concurrent_inference, int, 1
             ),
             cache_bytes=_number(env, "CACHE_BYTES", cls.cache_bytes, int, 0),
+            train_lock_ttl=_number(env, "TRAIN_LOCK_TTL", cls.train_lock_ttl, float, 0.5),
+            post_retries=_number(env, "POST_RETRIES", cls.post_retries, int, 0),
+            post_retry_backoff=_number(
+                env, "POST_RETRY_BACKOFF", cls.post_retry_backoff, float, 0.0
+            ),
         )
 
     # ----------------------------------------------------------------------------------

@@ -8,7 +8,14 @@ What is kept per project (keyed by Label Studio's project id, never mixed betwee
 * the version history (``/versions``);
 * the annotations received by webhooks (*examples*), kept until they are deleted in Label Studio,
   so learning can replay them;
-* short-lived named locks (one training per project across processes and machines).
+* short-lived named locks (one training per project across processes and machines): leases
+  that their holder renews (:meth:`StateStore.extend_lock`) and that a write can be *fenced* by
+  (``update(..., fence=(name, token))`` writes only while that token still holds the lock, so a
+  trainer that lost its lease, e.g. paused past its expiry, cannot overwrite a newer training).
+
+A project's total stored bytes (state, reference and examples) can be capped
+(``max_project_bytes``, the ``MAX_PROJECT_STATE_BYTES`` setting): a write that would grow the
+project past it raises :class:`StateTooLarge` and writes nothing.
 
 Every write is atomic: :meth:`StateStore.update` runs a read-modify-write in one SQLite
 ``BEGIN IMMEDIATE`` transaction (WAL journal, ``synchronous=FULL``) or one Redis ``WATCH`` /
@@ -39,11 +46,27 @@ WAITING_VERSION = "oneshot-waiting"
 
 
 class StoreError(RuntimeError):
-    """The state store failed; nothing was written."""
+    """The state store failed; nothing was written. ``http_status``: what a request that hit it
+    answers."""
+
+    http_status = 503
 
 
 class StoreUnavailable(StoreError):
     """The state store cannot be reached (Redis down, database locked for too long)."""
+
+
+class StateTooLarge(StoreError):
+    """The write would take the project past its byte cap (``MAX_PROJECT_STATE_BYTES``)."""
+
+    http_status = 507
+
+
+class LockLost(StoreError):
+    """A fenced write whose lock is no longer held by the writer's token (its lease ran out and
+    maybe another process took it): the write is refused."""
+
+    http_status = 409
 
 
 @dataclass
@@ -66,8 +89,16 @@ class ProjectState:
     posting predictions from background jobs)."""
     applied_examples: list[str] = field(default_factory=list)
     """Keys of the stored examples already taken into the reference / learned state."""
+    applied_stamps: dict = field(default_factory=dict)
+    """``received_at`` of each applied example as it was learned: an example stored again
+    since (an updated annotation, even one arriving while that training ran) differs, and is
+    learned again."""
     last_error: str | None = None
     """The last background failure for this project (shown by ``/versions`` and the logs)."""
+    training_requested_at: float | None = None
+    """When a training was last requested and not yet done (a successful or cleanly failed
+    training clears it). Still set long after, with nobody holding the training lock, means the
+    trainer died: the next request starts the training again (``backend.jobs``)."""
     revision: int = 0
     """Incremented by every write (lets tests and jobs see that something changed)."""
     updated_at: float = 0.0
@@ -100,7 +131,15 @@ class StateStore(Protocol):
 
     def load(self, project_id: str) -> ProjectState: ...
 
-    def update(self, project_id: str, change: StateChange, reason: str = "") -> ProjectState: ...
+    def update(
+        self,
+        project_id: str,
+        change: StateChange,
+        reason: str = "",
+        fence: tuple[str, str] | None = None,
+    ) -> ProjectState: ...
+
+    def stored_bytes(self, project_id: str) -> int: ...
 
     def versions(self, project_id: str | None = None) -> list[dict]: ...
 
@@ -113,6 +152,8 @@ class StateStore(Protocol):
     def examples(self, project_id: str) -> dict[str, dict]: ...
 
     def acquire_lock(self, name: str, ttl: float) -> str | None: ...
+
+    def extend_lock(self, name: str, token: str, ttl: float) -> bool: ...
 
     def release_lock(self, name: str, token: str | None = None) -> None: ...
 
@@ -136,6 +177,33 @@ def _apply(current: ProjectState, change: StateChange) -> ProjectState | None:
 
 def _version_entry(state: ProjectState, reason: str) -> dict:
     return {"model_version": state.model_version, "created_at": state.updated_at, "reason": reason}
+
+
+def _state_bytes(header_json: str | bytes | None, reference: bytes | None) -> int:
+    return len(header_json or b"") + len(reference or b"")
+
+
+def _check_room(
+    project_id: str, limit: int | None, before: int, after: int, other: Callable[[], int]
+) -> None:
+    """Refuse a write that grows the project (``before`` -> ``after`` bytes of the part being
+    written; ``other()`` the bytes of the rest) past ``limit``. Shrinking writes always pass, so
+    a project over a lowered limit can still record errors and delete examples."""
+    if limit is None or after <= before:
+        return
+    total = after + other()
+    if total > limit:
+        raise StateTooLarge(
+            f"project {project_id} would store {total} bytes, over the limit of {limit} "
+            "(MAX_PROJECT_STATE_BYTES); nothing was written. Delete annotations of the project "
+            "in Label Studio or raise the limit"
+        )
+
+
+def _lock_lost(name: str) -> LockLost:
+    return LockLost(
+        f"lock {name} is no longer held by this writer (its lease expired); nothing was written"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,8 +240,11 @@ CREATE TABLE IF NOT EXISTS locks (
 class SQLiteStore:
     """Embedded store: one SQLite file (WAL) shared by the processes of one machine."""
 
-    def __init__(self, path: str | Path, busy_timeout: float = 30.0):
+    def __init__(
+        self, path: str | Path, busy_timeout: float = 30.0, max_project_bytes: int | None = None
+    ):
         self.path = Path(path).expanduser()
+        self.max_project_bytes = max_project_bytes
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.busy_timeout = busy_timeout
         self.description = f"sqlite:{self.path}"
@@ -213,7 +284,11 @@ class SQLiteStore:
         try:
             yield conn
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite rolls back by itself after some errors (SQLITE_FULL, SQLITE_IOERR...); a
+            # second ROLLBACK would fail and hide the original error.
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
         else:
             try:
@@ -246,20 +321,45 @@ class SQLiteStore:
         except sqlite3.Error as error:
             raise StoreError(f"state store {self.path}: {error}") from error
 
-    def update(self, project_id: str, change: StateChange, reason: str = "") -> ProjectState:
+    def update(
+        self,
+        project_id: str,
+        change: StateChange,
+        reason: str = "",
+        fence: tuple[str, str] | None = None,
+    ) -> ProjectState:
         """Atomically replace the project's state by ``change(state)``; returns the state now
-        stored. A new model version is appended to the history in the same transaction."""
+        stored. A new model version is appended to the history in the same transaction.
+
+        Args:
+            fence: ``(lock name, token)``: write only if that token holds that lock (unexpired).
+
+        Raises:
+            LockLost: ``fence`` is given and its lock is not held by its token.
+            StateTooLarge: the project would exceed ``max_project_bytes``.
+            StoreError: SQLite failed (disk full, I/O error...); nothing was written.
+        """
         try:
             with self._transaction() as conn:
+                if fence is not None and not self._holds(conn, *fence):
+                    raise _lock_lost(fence[0])
                 current = self._load_with(conn, project_id)
                 new = _apply(current, change)
                 if new is None:
                     return current
+                header = json.dumps(new.header())
+                _check_room(
+                    project_id,
+                    self.max_project_bytes,
+                    self._state_bytes_with(conn, project_id),
+                    _state_bytes(header, new.reference),
+                    lambda: self._examples_bytes_with(conn, project_id),
+                )
                 conn.execute(
                     "INSERT INTO projects (project_id, header, reference) VALUES (?, ?, ?) "
                     "ON CONFLICT (project_id) DO UPDATE SET header = excluded.header, "
                     "reference = excluded.reference",
-                    (project_id, json.dumps(new.header()), new.reference),
+                    (project_id, header, new.reference),
                 )
                 if new.model_version != current.model_version:
                     conn.execute(
@@ -267,6 +367,36 @@ class SQLiteStore:
                         (project_id, json.dumps(_version_entry(new, reason))),
                     )
                 return new
+        except sqlite3.Error as error:
+            raise StoreError(f"state store {self.path}: {error}") from error
+
+    @staticmethod
+    def _state_bytes_with(conn: sqlite3.Connection, project_id: str) -> int:
+        row = conn.execute(
+            "SELECT LENGTH(CAST(header AS BLOB)) + COALESCE(LENGTH(reference), 0) FROM projects "
+            "WHERE project_id = ?",
+            (project_id,),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def _examples_bytes_with(
+        conn: sqlite3.Connection, project_id: str, except_key: str | None = None
+    ) -> int:
+        row = conn.execute(
+            "SELECT COALESCE(SUM(LENGTH(CAST(payload AS BLOB))), 0) FROM examples "
+            "WHERE project_id = ? AND example_key IS NOT ?",
+            (project_id, except_key),
+        ).fetchone()
+        return int(row[0])
+
+    def stored_bytes(self, project_id: str) -> int:
+        """Bytes the project takes: state header, reference and stored examples."""
+        try:
+            conn = self._connection()
+            return self._state_bytes_with(conn, project_id) + self._examples_bytes_with(
+                conn, project_id
+            )
         except sqlite3.Error as error:
             raise StoreError(f"state store {self.path}: {error}") from error
 
@@ -286,13 +416,34 @@ class SQLiteStore:
 
     # --- examples -----------------------------------------------------------------------
     def put_example(self, project_id: str, key: str, payload: dict) -> None:
-        """Store (or replace, keeping its place in the order) one example."""
+        """Store (or replace, keeping its place in the order) one example.
+
+        Raises:
+            StateTooLarge: the project would exceed ``max_project_bytes``.
+        """
+        text = json.dumps(payload)
         try:
             with self._transaction() as conn:
+                if self.max_project_bytes is not None:
+                    old = conn.execute(
+                        "SELECT LENGTH(CAST(payload AS BLOB)) FROM examples "
+                        "WHERE project_id = ? AND example_key = ?",
+                        (project_id, key),
+                    ).fetchone()
+                    _check_room(
+                        project_id,
+                        self.max_project_bytes,
+                        int(old[0]) if old else 0,
+                        len(text.encode()),
+                        lambda: (
+                            self._state_bytes_with(conn, project_id)
+                            + self._examples_bytes_with(conn, project_id, except_key=key)
+                        ),
+                    )
                 conn.execute(
                     "INSERT INTO examples (project_id, example_key, payload) VALUES (?, ?, ?) "
                     "ON CONFLICT (project_id, example_key) DO UPDATE SET payload = excluded.payload",
-                    (project_id, key, json.dumps(payload)),
+                    (project_id, key, text),
                 )
         except sqlite3.Error as error:
             raise StoreError(f"state store {self.path}: {error}") from error
@@ -335,6 +486,31 @@ class SQLiteStore:
             raise StoreError(f"state store {self.path}: {error}") from error
         return token if inserted else None
 
+    @staticmethod
+    def _holds(conn: sqlite3.Connection, name: str, token: str) -> bool:
+        row = conn.execute(
+            "SELECT 1 FROM locks WHERE name = ? AND token = ? AND expires_at >= ?",
+            (name, token, time.time()),
+        ).fetchone()
+        return row is not None
+
+    def extend_lock(self, name: str, token: str, ttl: float) -> bool:
+        """Renew the lease of ``name`` for ``ttl`` seconds from now if ``token`` still holds it
+        (unexpired); False when it does not (the holder must stop writing)."""
+        now = time.time()
+        try:
+            with self._transaction() as conn:
+                return (
+                    conn.execute(
+                        "UPDATE locks SET expires_at = ? "
+                        "WHERE name = ? AND token = ? AND expires_at >= ?",
+                        (now + ttl, name, token, now),
+                    ).rowcount
+                    == 1
+                )
+        except sqlite3.Error as error:
+            raise StoreError(f"state store {self.path}: {error}") from error
+
     def release_lock(self, name: str, token: str | None = None) -> None:
         """Release ``name`` if ``token`` still holds it (any holder when ``token`` is None)."""
         try:
@@ -367,15 +543,34 @@ _RELEASE_SCRIPT = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+# Renews a lock's lease only if the caller still holds it.
+_EXTEND_SCRIPT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+# Bytes of a project's stored examples (summed on the server: nothing large travels).
+_EXAMPLES_BYTES_SCRIPT = """
+local total = 0
+for _, value in ipairs(redis.call('hvals', KEYS[1])) do total = total + #value end
+if ARGV[1] ~= '' then total = total - redis.call('hstrlen', KEYS[1], ARGV[1]) end
+return total
+"""
 
 
 class RedisStore:
     """Shared store for several machines: one Redis (``REDIS_URL``)."""
 
-    def __init__(self, url: str, namespace: str = "oneshot", max_retries: int = 50):
+    def __init__(
+        self,
+        url: str,
+        namespace: str = "oneshot",
+        max_retries: int = 50,
+        max_project_bytes: int | None = None,
+    ):
         import redis
 
         self._redis_module = redis
+        self.max_project_bytes = max_project_bytes
         self.url = url
         self.description = f"redis:{redact_url(url)}"
         self.namespace = namespace
@@ -414,22 +609,50 @@ class RedisStore:
         with self._errors(f"loading project {project_id}"):
             return self._load_with(self.client, project_id)
 
-    def update(self, project_id: str, change: StateChange, reason: str = "") -> ProjectState:
-        """Optimistic read-modify-write: ``WATCH`` the key, apply ``change``, ``MULTI``/``EXEC``;
-        retried when another writer got there first."""
+    def update(
+        self,
+        project_id: str,
+        change: StateChange,
+        reason: str = "",
+        fence: tuple[str, str] | None = None,
+    ) -> ProjectState:
+        """Optimistic read-modify-write: ``WATCH`` the key (and the ``fence`` lock), apply
+        ``change``, ``MULTI``/``EXEC``; retried when another writer got there first.
+
+        Raises:
+            LockLost: ``fence`` is given and its lock is not held by its token.
+            StateTooLarge: the project would exceed ``max_project_bytes``.
+            StoreUnavailable: Redis cannot be reached; nothing was written.
+        """
         key = self._key(project_id)
         watch_error = self._redis_module.exceptions.WatchError
         with self._errors(f"updating project {project_id}"):
             for _ in range(self.max_retries):
                 with self.client.pipeline() as pipe:
                     try:
-                        pipe.watch(key)
+                        if fence is not None:
+                            lock_key = self._lock_key(fence[0])
+                            pipe.watch(key, lock_key)
+                            if pipe.get(lock_key) != fence[1].encode():
+                                raise _lock_lost(fence[0])
+                        else:
+                            pipe.watch(key)
                         current = self._load_with(pipe, project_id)
                         new = _apply(current, change)
                         if new is None:
                             return current
+                        header = json.dumps(new.header())
+                        if self.max_project_bytes is not None:
+                            before = pipe.hstrlen(key, "header") + pipe.hstrlen(key, "reference")
+                            _check_room(
+                                project_id,
+                                self.max_project_bytes,
+                                before,
+                                _state_bytes(header.encode(), new.reference),
+                                lambda: self._examples_bytes(pipe, project_id),
+                            )
                         pipe.multi()
-                        pipe.hset(key, "header", json.dumps(new.header()))
+                        pipe.hset(key, "header", header)
                         if new.reference is None:
                             pipe.hdel(key, "reference")
                         else:
@@ -448,6 +671,18 @@ class RedisStore:
                 f"project {project_id}: gave up after {self.max_retries} conflicting writes"
             )
 
+    def _examples_bytes(self, client: Any, project_id: str, except_key: str = "") -> int:
+        return int(
+            client.eval(_EXAMPLES_BYTES_SCRIPT, 1, self._key(project_id, "examples"), except_key)
+        )
+
+    def stored_bytes(self, project_id: str) -> int:
+        """Bytes the project takes: state header, reference and stored examples."""
+        key = self._key(project_id)
+        with self._errors(f"measuring project {project_id}"):
+            state = self.client.hstrlen(key, "header") + self.client.hstrlen(key, "reference")
+            return int(state) + self._examples_bytes(self.client, project_id)
+
     def versions(self, project_id: str | None = None) -> list[dict]:
         with self._errors("reading versions"):
             projects = [project_id] if project_id is not None else self.projects()
@@ -465,9 +700,29 @@ class RedisStore:
 
     # --- examples -----------------------------------------------------------------------
     def put_example(self, project_id: str, key: str, payload: dict) -> None:
+        """Store (or replace, keeping its place in the order) one example.
+
+        Raises:
+            StateTooLarge: the project would exceed ``max_project_bytes``.
+        """
+        text = json.dumps(payload)
+        examples_key = self._key(project_id, "examples")
         with self._errors(f"storing example {key} of project {project_id}"):
+            if self.max_project_bytes is not None:
+                state_key = self._key(project_id)
+                _check_room(
+                    project_id,
+                    self.max_project_bytes,
+                    int(self.client.hstrlen(examples_key, key)),
+                    len(text.encode()),
+                    lambda: (
+                        int(self.client.hstrlen(state_key, "header"))
+                        + int(self.client.hstrlen(state_key, "reference"))
+                        + self._examples_bytes(self.client, project_id, except_key=key)
+                    ),
+                )
             pipe = self.client.pipeline(transaction=True)
-            pipe.hset(self._key(project_id, "examples"), key, json.dumps(payload))
+            pipe.hset(examples_key, key, text)
             # nx: an updated example keeps the place of its first version.
             pipe.zadd(self._key(project_id, "example-order"), {key: time.time()}, nx=True)
             pipe.sadd(f"{self.namespace}:projects", project_id)
@@ -493,16 +748,27 @@ class RedisStore:
         return {k.decode(): json.loads(payloads[k]) for k in order if k in payloads}
 
     # --- locks --------------------------------------------------------------------------
+    def _lock_key(self, name: str) -> str:
+        return f"{self.namespace}:lock:{name}"
+
     def acquire_lock(self, name: str, ttl: float) -> str | None:
         token = uuid.uuid4().hex
         with self._errors(f"taking lock {name}"):
             taken = self.client.set(
-                f"{self.namespace}:lock:{name}", token, nx=True, px=max(1, int(ttl * 1000))
+                self._lock_key(name), token, nx=True, px=max(1, int(ttl * 1000))
             )
         return token if taken else None
 
+    def extend_lock(self, name: str, token: str, ttl: float) -> bool:
+        """Renew the lease of ``name`` for ``ttl`` seconds if ``token`` still holds it."""
+        with self._errors(f"renewing lock {name}"):
+            renewed = self.client.eval(
+                _EXTEND_SCRIPT, 1, self._lock_key(name), token, max(1, int(ttl * 1000))
+            )
+        return bool(renewed)
+
     def release_lock(self, name: str, token: str | None = None) -> None:
-        key = f"{self.namespace}:lock:{name}"
+        key = self._lock_key(name)
         with self._errors(f"releasing lock {name}"):
             if token is None:
                 self.client.delete(key)
@@ -519,9 +785,12 @@ class RedisStore:
 
 def make_store(settings: Settings) -> StateStore:
     """Redis when ``REDIS_URL`` is set, else SQLite in ``MODEL_DIR``."""
+    limit = settings.max_project_state_bytes
     if settings.redis_url:
-        store: StateStore = RedisStore(settings.redis_url)
+        store: StateStore = RedisStore(settings.redis_url, max_project_bytes=limit)
     else:
-        store = SQLiteStore(Path(settings.model_dir).expanduser() / "state.sqlite3")
+        store = SQLiteStore(
+            Path(settings.model_dir).expanduser() / "state.sqlite3", max_project_bytes=limit
+        )
     log.info("state store: %s", store.description)
     return store

@@ -67,6 +67,19 @@ def fake_ls():
         state.posted.append(request.get_json())
         return jsonify({"id": len(state.posted), **request.get_json()}), 201
 
+    @app.get("/api/predictions/")
+    def list_predictions():
+        if not authorized():
+            return jsonify({"detail": "no auth"}), 401
+        task_id = request.args.get("task", type=int)
+        return jsonify(
+            [
+                {"id": index + 1, **p}
+                for index, p in enumerate(state.posted)
+                if task_id is None or p.get("task") == task_id
+            ]
+        )
+
     server, thread, port = _serve(app)
     state.url = f"http://127.0.0.1:{port}"
     yield state
@@ -110,7 +123,10 @@ def make_runtime(tmp_path, model_dir, segmenter):
 
     def build(store=None, **env: str) -> Runtime:
         settings = make_settings(model_dir, tmp_path / f"state{len(built)}", **env)
-        store = store or SQLiteStore(Path(settings.model_dir) / "state.sqlite3")
+        store = store or SQLiteStore(
+            Path(settings.model_dir) / "state.sqlite3",
+            max_project_bytes=settings.max_project_state_bytes,
+        )
         runtime = Runtime(settings, store=store, metrics=Metrics(), segmenter=segmenter)
         built.append(runtime)
         set_runtime(runtime)

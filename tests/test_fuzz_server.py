@@ -1,0 +1,461 @@
+"""Fuzzing the HTTP routes: whatever body arrives at /setup, /predict, /webhook or /train, the
+server answers (never a 5xx), a refused request says why in a JSON ``error``, and a refused request
+leaves every project's stored state exactly as it was.
+
+Bodies are drawn by hypothesis: arbitrary JSON, the fields each route reads filled with values of
+every type, and valid Label Studio bodies with parts replaced or deleted. A deterministic list of
+hostile bodies (deep nesting, huge numbers, huge sizes, invalid bytes) runs as well.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
+from server_helpers import (
+    API_TOKEN,
+    LABEL_CONFIG,
+    annotation_event,
+    brush_result,
+    png_bytes,
+    scene,
+    square_mask,
+)
+
+from backend.jobs import ThreadJobs
+from backend.server import create_app, nesting_exceeds
+from backend.store import StateStore
+
+pytest_plugins = ["server_fixtures"]
+
+PROJECT = 12
+LS_URL = "<fake label studio>"
+"""Placeholder replaced by the fake Label Studio's URL when a body is sent."""
+IMAGE_URL = "<reference image>"
+
+SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
+"""``FUZZ_SCALE=20`` multiplies the number of examples (a longer hunt, outside CI)."""
+FUZZ = settings(
+    max_examples=int(80 * SCALE),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    database=None,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Strategies
+# ---------------------------------------------------------------------------------------------
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()  # NaN and infinities included: Python's JSON accepts them
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=10,
+)
+project_ids = st.one_of(
+    json_values,
+    st.sampled_from([f"{PROJECT}.1735689600", PROJECT, {"id": PROJECT}, "13", "../x", "", " 7 "]),
+)
+label_configs = st.one_of(
+    json_values,
+    st.just(LABEL_CONFIG),
+    st.sampled_from(
+        [
+            "<View/>",
+            "<View><Image name='i' value='$i'/></View>",
+            "<!DOCTYPE x [<!ENTITY a 'b'>]><View/>",
+            LABEL_CONFIG[:-20],
+            "not xml at all",
+        ]
+    ),
+)
+urls = st.one_of(
+    json_values,
+    st.sampled_from(
+        [
+            IMAGE_URL,
+            "/data/upload/12/missing.png",
+            "http://169.254.169.254/latest/meta-data/",
+            "file:///etc/passwd",
+            "/data/local-files/?d=../../etc/passwd",
+            "data:image/png;base64,!!!",
+            "s3://bucket/key.png",
+            "",
+        ]
+    ),
+)
+tasks = st.fixed_dictionaries(
+    {"id": st.one_of(st.integers(-5, 10**12), json_values)},
+    optional={
+        "data": st.one_of(json_values, st.fixed_dictionaries({"image": urls})),
+        "project": project_ids,
+    },
+)
+contexts = st.one_of(
+    json_values,
+    st.fixed_dictionaries(
+        {
+            "result": st.one_of(
+                json_values,
+                st.lists(
+                    st.fixed_dictionaries(
+                        {
+                            "type": st.sampled_from(["keypointlabels", "rectanglelabels", "x"]),
+                            "from_name": st.sampled_from(["kp", "box", "tag", "nope"]),
+                            "to_name": st.just("image"),
+                            "original_width": st.one_of(st.just(80), json_values),
+                            "original_height": st.one_of(st.just(60), json_values),
+                            "value": json_values,
+                        }
+                    ),
+                    max_size=3,
+                ),
+            )
+        }
+    ),
+)
+
+
+@st.composite
+def fields(draw, valid: dict, wild: dict) -> dict:
+    """A body whose every key keeps its ``valid`` value (60 %; a strategy there is drawn from),
+    takes a ``wild`` one (30 %) or is left out (10 %): most bodies get past the first check and
+    reach deeper code."""
+    body = {}
+    for key, value in valid.items():
+        choice = draw(st.sampled_from(["valid"] * 6 + ["wild"] * 3 + ["drop"]))
+        if choice == "valid":
+            body[key] = draw(value) if isinstance(value, st.SearchStrategy) else value
+        elif choice == "wild":
+            body[key] = draw(wild.get(key, json_values))
+    return body
+
+
+setup_bodies = fields(
+    {
+        "project": f"{PROJECT}.1735689600",
+        "schema": LABEL_CONFIG,
+        "hostname": LS_URL,
+        "access_token": API_TOKEN,
+        "extra_params": None,
+    },
+    {
+        "project": project_ids,
+        "schema": label_configs,
+        "hostname": st.one_of(json_values, st.sampled_from(["ftp://x", "http://", "http://[::1"])),
+    },
+)
+predict_bodies = st.one_of(
+    fields(
+        {
+            "project": f"{PROJECT}.1735689600",
+            "label_config": LABEL_CONFIG,
+            "tasks": [{"id": 3, "data": {"image": IMAGE_URL}}],
+            "params": {"login": None, "password": None, "context": None},
+        },
+        {
+            "project": project_ids,
+            "label_config": label_configs,
+            "tasks": st.one_of(json_values, st.lists(tasks, max_size=3)),
+            "params": st.one_of(json_values, st.fixed_dictionaries({"context": contexts})),
+        },
+    ),
+    fields(
+        {
+            "project": f"{PROJECT}.1735689600",
+            "label_config": LABEL_CONFIG,
+            "tasks": st.lists(tasks, min_size=1, max_size=3),
+            "params": {"context": None},
+        },
+        {"params": st.fixed_dictionaries({"context": contexts})},
+    ),
+)
+
+
+def valid_event(annotation_id: int = 500) -> dict:
+    return annotation_event(PROJECT, annotation_id, 7, IMAGE_URL, [brush_result(square_mask())])
+
+
+@st.composite
+def mutated(draw, base: dict) -> dict:
+    """``base`` with one to three values somewhere inside replaced by arbitrary JSON or
+    deleted (hypothesis' simplest choices descend into the first non-empty container, so
+    shrinking heads for deep, still plausible bodies)."""
+    body = copy.deepcopy(base)
+    for _ in range(draw(st.integers(1, 3))):
+        node = body
+        while True:
+            keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+            if not keys:
+                break
+            keys.sort(key=lambda k: not (isinstance(node[k], (dict, list)) and node[k]))
+            key = draw(st.sampled_from(keys))
+            child = node[key]
+            can_descend = isinstance(child, (dict, list)) and bool(child)
+            action = draw(st.sampled_from(["descend", "replace", "delete"]))
+            if action == "descend" and can_descend:
+                node = child
+                continue
+            if action == "delete":
+                del node[key]
+            else:
+                node[key] = draw(json_values)
+            break
+    return body
+
+
+BULK_EVENT = {
+    **valid_event(),
+    "action": "ANNOTATIONS_CREATED",
+    "annotation": [valid_event(501)["annotation"], valid_event(502)["annotation"]],
+    "task": [valid_event()["task"]],
+}
+webhook_bodies = st.one_of(
+    json_values,
+    fields(
+        {
+            "action": "ANNOTATION_CREATED",
+            "project": {"id": PROJECT, "label_config": LABEL_CONFIG},
+            "annotation": valid_event()["annotation"],
+            "task": valid_event()["task"],
+            "annotations": [{"id": 100}],
+        },
+        {
+            "action": st.one_of(
+                json_values,
+                st.sampled_from(
+                    [
+                        "ANNOTATION_UPDATED",
+                        "ANNOTATIONS_CREATED",
+                        "ANNOTATIONS_DELETED",
+                        "START_TRAINING",
+                        "PROJECT_UPDATED",
+                    ]
+                ),
+            ),
+            "project": st.one_of(
+                project_ids,
+                st.fixed_dictionaries({"id": project_ids, "label_config": label_configs}),
+            ),
+        },
+    ),
+    mutated(valid_event()),
+    mutated(BULK_EVENT),
+    # Only the drawn regions spoiled: exercises the annotation parsers themselves.
+    st.lists(mutated(brush_result(square_mask())), min_size=1, max_size=2).map(
+        lambda results: {
+            **valid_event(),
+            "annotation": {**valid_event()["annotation"], "result": results},
+        }
+    ),
+    st.lists(mutated(brush_result(square_mask())), min_size=1, max_size=2).map(
+        lambda results: {
+            **valid_event(),
+            "annotation": {**valid_event()["annotation"], "result": results},
+        }
+    ),
+)
+
+# ---------------------------------------------------------------------------------------------
+# The backend under fuzz
+# ---------------------------------------------------------------------------------------------
+
+
+def snapshot(store: StateStore) -> str:
+    """Everything the store holds, as comparable text (NaN == NaN here, unlike in floats)."""
+    everything = {
+        project: {
+            "state": store.load(project).header(),
+            "reference": store.load(project).reference,
+            "versions": store.versions(project),
+            "examples": store.examples(project),
+        }
+        for project in store.projects()
+    }
+    return json.dumps(everything, sort_keys=True, default=repr)
+
+
+class Fuzzed:
+    """The app on a project with a reference; background work only recorded, so the stored state
+    changes only through the request being checked."""
+
+    def __init__(self, runtime, ls):
+        self.runtime, self.ls = runtime, ls
+        self.client = create_app(runtime).test_client()
+        self.image_url = ls.add_image(PROJECT, "ref.png", png_bytes(scene(0)))
+        setup = {
+            "project": f"{PROJECT}.1",
+            "schema": LABEL_CONFIG,
+            "hostname": ls.url,
+            "access_token": ls.token,
+        }
+        assert self.client.post("/setup", json=setup).status_code == 200
+        event = annotation_event(PROJECT, 100, 1, self.image_url, [brush_result(square_mask())])
+        assert self.client.post("/webhook", json=event).status_code == 200
+        assert runtime.jobs.wait_idle(60)
+        assert runtime.store.load(str(PROJECT)).reference is not None
+        self.background: list[tuple] = []
+        runtime.jobs = ThreadJobs(
+            runtime,
+            debounce=0.0,
+            train=lambda *args: self.background.append(("train", *args)),
+            predict=lambda *args: self.background.append(("predict", *args)),
+        )
+
+    def fill(self, body):
+        text = json.dumps(body)
+        return text.replace(json.dumps(LS_URL)[1:-1], self.ls.url).replace(
+            json.dumps(IMAGE_URL)[1:-1], self.image_url
+        )
+
+    def check(self, path: str, data: bytes | str) -> int:
+        """Send ``data`` to ``path``; assert no 5xx, a message with every refusal, and a store
+        untouched by every refusal. Returns the status."""
+        before = snapshot(self.runtime.store)
+        answer = self.client.post(path, data=data, content_type="application/json")
+        assert answer.status_code < 500, answer.get_data(as_text=True)
+        payload = answer.get_json()
+        assert isinstance(payload, dict)
+        if currently_in_test_context():  # statistics: --hypothesis-show-statistics
+            event(f"{path} -> {answer.status_code}: {str(payload.get('error'))[:40]}")
+        if answer.status_code >= 400:
+            assert isinstance(payload.get("error"), str) and payload["error"].strip()
+            assert payload["status"] == answer.status_code
+            assert snapshot(self.runtime.store) == before, f"{path} refused but wrote: {data!r}"
+        return answer.status_code
+
+
+@pytest.fixture
+def fuzzed(make_runtime, fake_ls) -> Fuzzed:
+    runtime = make_runtime()
+    return Fuzzed(runtime, fake_ls)
+
+
+@FUZZ
+@given(body=setup_bodies)
+def test_setup_survives_any_body(fuzzed, body):
+    fuzzed.check("/setup", fuzzed.fill(body))
+
+
+@FUZZ
+@given(body=predict_bodies)
+def test_predict_survives_any_body(fuzzed, body):
+    fuzzed.check("/predict", fuzzed.fill(body))
+
+
+@settings(FUZZ, max_examples=int(150 * SCALE))
+@given(body=webhook_bodies)
+def test_webhook_survives_any_body(fuzzed, body):
+    fuzzed.check("/webhook", fuzzed.fill(body))
+
+
+@FUZZ
+@given(body=st.one_of(json_values, predict_bodies))
+def test_train_survives_any_body(fuzzed, body):
+    fuzzed.check("/train", fuzzed.fill(body))
+
+
+@settings(FUZZ, max_examples=int(40 * SCALE))
+@given(data=st.binary(max_size=64))
+def test_arbitrary_bytes_are_refused_cleanly(fuzzed, data):
+    for path in ("/setup", "/predict", "/webhook"):
+        fuzzed.check(path, data)
+
+
+def _huge_sizes(event: dict) -> dict:
+    for result in event["annotation"]["result"]:
+        result["original_width"] = result["original_height"] = 10**12
+    return event
+
+
+def _polygon_on_a_huge_canvas(event: dict) -> dict:
+    event["annotation"]["result"] = [
+        {
+            "type": "polygonlabels",
+            "from_name": "poly",
+            "to_name": "image",
+            "original_width": 200_000,
+            "original_height": 200_000,
+            "value": {"points": [[0, 0], [100, 0], [100, 100]], "polygonlabels": ["Cat"]},
+        }
+    ]
+    return event
+
+
+HOSTILE = [
+    ("/predict", b"[" * 200_000 + b"]" * 200_000, 400, "MAX_JSON_DEPTH"),
+    ("/webhook", b'{"a":' * 100_000 + b"1" + b"}" * 100_000, 400, "MAX_JSON_DEPTH"),
+    ("/setup", json.dumps({"project": "12.1", "x": [[[[[[[[1]]]]]]]] * 10}), 200, ""),
+    ("/predict", json.dumps({"project": "12.1", "tasks": json.loads("[" * 70 + "]" * 70)}), 400,
+     "MAX_JSON_DEPTH"),
+    ("/setup", b'{"project": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    ("/setup", b'{"project": 1e999}', 400, "invalid project id"),
+    ("/setup", b"\xff\xfe\x00{", 400, "not valid JSON"),
+    ("/setup", json.dumps({"project": "12.1", "schema": ["<View/>"]}), 400, "'schema' must be"),
+    ("/setup", json.dumps({"project": "12.1", "hostname": 5}), 400, "'hostname' must be"),
+    ("/setup", json.dumps({"project": "12.1", "hostname": "file:///etc"}), 400, "http(s) URL"),
+    ("/setup", json.dumps({"project": "x" * 100_000}), 400, "invalid project id"),
+    ("/predict", json.dumps({"project": "12.1", "label_config": {"a": 1}, "tasks": []}), 400,
+     "'label_config' must be"),
+    ("/predict", json.dumps({"project": "12.1", "tasks": [{"id": 1}], "params": {"context": 3}}),
+     400, "'params.context'"),
+    ("/webhook", json.dumps(_huge_sizes(valid_event())), 413, "MAX_IMAGE_PIXELS"),
+    ("/webhook", json.dumps(_polygon_on_a_huge_canvas(valid_event())), 413, "MAX_IMAGE_PIXELS"),
+    ("/webhook", json.dumps({**valid_event(), "annotation": {**valid_event()["annotation"],
+     "result": [{**brush_result(square_mask()), "original_width": [80]}]}}), 400,
+     "original_height and original_width"),
+    ("/webhook", json.dumps({**valid_event(), "annotation": {**valid_event()["annotation"],
+     "id": [1]}}), 400, "is not an id"),
+    ("/webhook", json.dumps({**BULK_EVENT, "annotation": [None, {**valid_event(502)["annotation"],
+     "task": []}]}), 400, "not a task id"),
+    ("/webhook", json.dumps({**BULK_EVENT, "task": 5}), 200, ""),
+    ("/webhook", json.dumps({**BULK_EVENT, "task": [{"id": {"a": 1}}, 3, None]}), 200, ""),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "data", "status", "message"), HOSTILE)
+def test_hostile_bodies_get_a_clear_answer_and_write_nothing(fuzzed, path, data, status, message):
+    data = fuzzed.fill(json.loads(data)) if isinstance(data, str) else data
+    assert fuzzed.check(path, data) == status
+    if message:
+        answer = fuzzed.client.post(path, data=data, content_type="application/json")
+        assert message in answer.get_json()["error"]
+
+
+def test_a_bad_annotation_in_a_bulk_event_stores_none_of_the_event(fuzzed):
+    good, bad = valid_event(501)["annotation"], valid_event(502)["annotation"]
+    bad["result"] = [{**bad["result"][0], "value": {"format": "rle", "rle": [1, 2, 3]}}]
+    event = {**valid_event(), "action": "ANNOTATIONS_CREATED", "annotation": [good, bad]}
+
+    assert fuzzed.check("/webhook", fuzzed.fill(event)) == 400
+
+    assert "annotation:501" not in fuzzed.runtime.store.examples(str(PROJECT))
+
+
+def test_an_unusable_label_config_in_a_webhook_is_not_stored(fuzzed):
+    event = valid_event()
+    event["project"] = {"id": 44, "label_config": "<View/>"}
+    assert fuzzed.check("/webhook", fuzzed.fill(event)) == 400
+    assert "44" not in fuzzed.runtime.store.projects()
+
+
+def test_nesting_depth_is_measured_without_recursion():
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert nesting_exceeds(deep, 64)
+    assert not nesting_exceeds({"a": [1, {"b": [2]}]}, 4)
+    assert nesting_exceeds({"a": [1, {"b": [2]}]}, 3)
