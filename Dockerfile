@@ -48,6 +48,7 @@ USER app
 EXPOSE 9090
 HEALTHCHECK --interval=30s --timeout=3s --start-period=60s \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=2)"
-# One worker (the models load once per process) with threads: /health answers while /predict runs.
-CMD ["gunicorn", "--workers", "1", "--threads", "8", "--timeout", "300", \
+# One worker (the models load once per process) with more threads than concurrent /predict
+# calls, so /health always finds a free thread (see SECURITY.md, bench/load.py).
+CMD ["gunicorn", "--workers", "1", "--threads", "16", "--timeout", "300", \
      "--bind", "0.0.0.0:9090", "--access-logfile", "-", "_wsgi:app"]

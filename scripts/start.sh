@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [[ -x .venv/bin/gunicorn ]] || bash scripts/setup.sh
 exec .venv/bin/gunicorn --bind "${HOST:-0.0.0.0}:${PORT:-9090}" --workers "${WORKERS:-1}" \
-    --threads "${THREADS:-8}" --timeout "${TIMEOUT:-300}" _wsgi:app
+    --threads "${THREADS:-16}" --timeout "${TIMEOUT:-300}" _wsgi:app
