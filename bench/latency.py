@@ -48,12 +48,14 @@ def brush_results(instances, size) -> None:
 
 def run_once(segmenter: OneShotSegmenter, reference, image: np.ndarray) -> tuple[dict, int]:
     segmenter.timings.clear()
+    decoded_before = segmenter.decoder.prompt_sets_decoded
     start = time.perf_counter()
     instances = segmenter.segment(reference, image)
     with segmenter.timed("rle"):
         brush_results(instances, image.shape[:2])
     timings = dict(segmenter.timings)
     timings["total"] = time.perf_counter() - start
+    timings["prompt_sets"] = segmenter.decoder.prompt_sets_decoded - decoded_before
     return timings, len(instances)
 
 
@@ -109,7 +111,7 @@ def main() -> None:
     header = (
         "| mode | target | cache | "
         + " | ".join(STAGES)
-        + " | total s | total / SAM enc | total / both enc | instances |"
+        + " | total s | total / SAM enc | total / both enc | decoder prompt sets | instances |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))

@@ -164,6 +164,8 @@ class SamDecoder:
         self.img_size: int = sam.image_encoder.img_size
         self.mask_threshold: float = sam.mask_threshold
         self._dense_pe: torch.Tensor | None = None
+        self.prompt_sets_decoded = 0
+        """Prompt sets decoded so far (``bench/`` reports it per target)."""
 
     @property
     def device(self) -> torch.device:
@@ -235,6 +237,7 @@ class SamDecoder:
             # The mask prompt is embedded below, without the stock per-set expansion.
             sparse, _ = prompt_encoder(points=points, boxes=boxes, masks=None)
         count = sparse.shape[0]
+        self.prompt_sets_decoded += count
 
         # Image tokens, a batch of one while no mask prompt makes them differ per set.
         if mask_input is not None:
