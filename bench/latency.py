@@ -120,7 +120,8 @@ def main() -> None:
             stages = " | ".join(f"{t.get(s, 0.0):.3f}" for s in STAGES)
             print(
                 f"| {mode} | {k} | {name} | {stages} | {t['total']:.2f} | "
-                f"{t['total'] / raw_sam:.3f} | {t['total'] / encoders:.3f} | {count} |"
+                f"{t['total'] / raw_sam:.3f} | {t['total'] / encoders:.3f} | "
+                f"{t['prompt_sets']} | {count} |"
             )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
