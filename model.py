@@ -511,7 +511,12 @@ class OneShotModel:
             )
         if not corrections:
             return None
-        learned, report = learn_from_corrections(self.runtime.segmenter(), reference, corrections)
+        learned, report = learn_from_corrections(
+            self.runtime.segmenter(),
+            reference,
+            corrections,
+            max_shots=self.settings.max_shots_per_label,
+        )
         project.learned = {"examples": report.examples, "labels": report.labels}
         for label, figures in report.labels.items():
             for quantity in ("shots", "negatives", "threshold", "loss_before", "loss_after"):
@@ -1096,7 +1101,8 @@ class OneShotModel:
         return state
 
     def _cap_shots(self, reference: Reference) -> None:
-        """Keep at most ``MAX_SHOTS_PER_LABEL`` shots per label (the newest), saying so."""
+        """Keep at most ``MAX_SHOTS_PER_LABEL`` shots per label, saying so: the reference's own
+        (base) shots first, then the newest learned ones."""
         limit = self.settings.max_shots_per_label
         for name, label_ref in reference.labels.items():
             if len(label_ref.shots) > limit:
@@ -1109,7 +1115,11 @@ class OneShotModel:
                     limit,
                     limit,
                 )
-                label_ref.shots = label_ref.shots[-limit:]
+                base = min(label_ref.base_shots or 0, limit)
+                learned = label_ref.shots[base:][-(limit - base) :] if limit > base else []
+                label_ref.shots = label_ref.shots[:base] + learned
+                if label_ref.base_shots is not None:
+                    label_ref.base_shots = base
 
     def _training_failed(
         self,
