@@ -334,7 +334,7 @@ def learn(
         corrections: every submitted annotation to learn from (order does not matter).
         max_shots: most shots per label, base shots included (base shots are always kept).
         max_negatives: most negative feature rows per label.
-        train_weights: run PerSAM-F (needs :mod:`matcher_core.persam_f`).
+        train_weights: run PerSAM-F.
 
     Returns:
         The learned reference (a new object; ``reference`` is not modified) and a report.
@@ -415,13 +415,6 @@ def learn(
 
     # 4. PerSAM-F mask weights on every corrected example.
     if train_weights and seen:
-        try:
-            from . import persam_f  # noqa: F401  (train_mask_weights imports it too)
-        except ImportError as error:
-            raise RuntimeError(
-                "PerSAM-F (matcher_core.persam_f) is not available; "
-                "call learn(..., train_weights=False)"
-            ) from error
         examples = [Example(item.correction.image, item.masks) for item in seen]
         for label, training in segmenter.train_mask_weights(learned, examples).items():
             report.labels[label].update(

@@ -11,8 +11,6 @@ Two kinds of tests, as for the Matcher pipeline:
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -34,9 +32,6 @@ from matcher_core.matcher import segment_label
 from matcher_core.matching import MatchResult, filter_negative_matches, pool_matches
 from matcher_core.sam_decoder import DecoderOutput, SamDecoder
 from matcher_core.scoring import score_proposals
-
-PERSAM_F = importlib.util.find_spec("matcher_core.persam_f") is not None
-needs_persam_f = pytest.mark.skipif(not PERSAM_F, reason="PerSAM-F not merged yet")
 
 SIZE = (100, 100)
 GRID = (10, 10)
@@ -277,8 +272,8 @@ def tiny_case(tiny):
 
 def test_learning_the_same_corrections_twice_gives_the_same_state_whatever_their_order(tiny_case):
     segmenter, reference, a, b, c = tiny_case
-    first, report = learn(segmenter, reference, [a, b, c], train_weights=PERSAM_F)
-    second, _ = learn(segmenter, reference, [c, a, b], train_weights=PERSAM_F)
+    first, report = learn(segmenter, reference, [a, b, c], train_weights=True)
+    second, _ = learn(segmenter, reference, [c, a, b], train_weights=True)
     assert_same_state(first, second)
     assert report.version == model_version(first)
     assert report.examples == 3 and report.labels["thing"]["shots"] == 3
@@ -286,14 +281,14 @@ def test_learning_the_same_corrections_twice_gives_the_same_state_whatever_their
 
 def test_incremental_learning_ends_where_a_rebuild_from_all_annotations_does(tiny_case):
     segmenter, reference, a, b, c = tiny_case
-    after_a, _ = learn(segmenter, reference, [a], train_weights=PERSAM_F)
-    incremental, _ = learn(segmenter, after_a, [a, b, c], train_weights=PERSAM_F)
-    from_scratch, _ = learn(segmenter, reference, [a, b, c], train_weights=PERSAM_F)
+    after_a, _ = learn(segmenter, reference, [a], train_weights=True)
+    incremental, _ = learn(segmenter, after_a, [a, b, c], train_weights=True)
+    from_scratch, _ = learn(segmenter, reference, [a, b, c], train_weights=True)
     assert_same_state(incremental, from_scratch)
     # A serialised learned reference (what the server stores) rebuilds the same way.
     restored = Reference.from_bytes(after_a.to_bytes())
     assert model_version(restored) == model_version(after_a)
-    assert_same_state(learn(segmenter, restored, [a, b, c], train_weights=PERSAM_F)[0], incremental)
+    assert_same_state(learn(segmenter, restored, [a, b, c], train_weights=True)[0], incremental)
 
 
 def test_an_updated_annotation_of_a_task_replaces_the_earlier_one(tiny_case):
@@ -317,7 +312,6 @@ def test_a_correction_changes_the_shots_and_the_version(tiny_case):
     )
 
 
-@needs_persam_f
 def test_a_correction_trains_the_persam_f_weights(tiny_case):
     segmenter, reference, a, b, _ = tiny_case
     learned, report = learn(segmenter, reference, [a, b])
@@ -329,13 +323,6 @@ def test_a_correction_trains_the_persam_f_weights(tiny_case):
     assert model_version(learned) != model_version(
         learn(segmenter, reference, [a, b], train_weights=False)[0]
     )
-
-
-@pytest.mark.skipif(PERSAM_F, reason="PerSAM-F is merged: the error path no longer applies")
-def test_without_persam_f_learning_weights_fails_clearly(tiny_case):
-    segmenter, reference, a, _, _ = tiny_case
-    with pytest.raises(RuntimeError, match="PerSAM-F"):
-        learn(segmenter, reference, [a])
 
 
 def test_every_learned_change_gives_a_new_version(tiny_case):
@@ -478,6 +465,6 @@ def test_learning_works_in_persam_mode(tiny_case):
     persam = OneShotSegmenter.__new__(OneShotSegmenter)
     persam.__dict__.update(segmenter.__dict__)
     persam.config = segmenter.config.replace(mode="persam")
-    learned, report = learn(persam, reference, [a, b, c], train_weights=PERSAM_F)
+    learned, report = learn(persam, reference, [a, b, c], train_weights=True)
     assert report.labels["thing"]["shots"] == 3
-    assert learn(persam, learned, [c, b, a], train_weights=PERSAM_F)[1].version == report.version
+    assert learn(persam, learned, [c, b, a], train_weights=True)[1].version == report.version
