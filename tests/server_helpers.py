@@ -3,7 +3,6 @@ state and a redis-server process (the fixtures using them are in ``server_fixtur
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import socket
 import subprocess
@@ -12,25 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pytest
 from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 
 from backend.settings import Settings
-
-
-def segment_pipelines_merged() -> bool:
-    """Whether both pipelines ``segment()`` imports are in the tree (they land separately)."""
-    return all(
-        importlib.util.find_spec(f"matcher_core.{name}") is not None
-        for name in ("matcher", "persam")
-    )
-
-
-needs_segment = pytest.mark.skipif(
-    not segment_pipelines_merged(),
-    reason="matcher_core.matcher / matcher_core.persam not merged yet: segment() cannot run",
-)
 
 LABEL_CONFIG = """
 <View>

@@ -29,7 +29,6 @@ from server_helpers import (
     LABEL_CONFIG,
     annotation_event,
     brush_result,
-    needs_segment,
     png_bytes,
     scene,
     square_mask,
@@ -306,7 +305,6 @@ def test_redis_dying_during_a_training_loses_nothing_and_the_training_resumes(
     )
 
 
-@needs_segment
 def test_redis_dying_during_a_predict_answers_what_was_done_and_says_why(
     redis_server, make_runtime, fake_ls, segmenter, monkeypatch
 ):
@@ -478,7 +476,6 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@needs_segment
 def test_background_predictions_survive_a_failing_label_studio_without_duplicates(
     make_runtime, flaky_ls
 ):

@@ -12,7 +12,6 @@ from server_helpers import (
     annotation_event,
     brush_result,
     make_settings,
-    needs_segment,
     png_bytes,
     scene,
     square_mask,
@@ -353,7 +352,6 @@ def test_rq_jobs_coalesce_a_burst_into_one_training_run_by_a_worker(
     SimpleWorker([runtime.jobs.queue], connection=runtime.jobs.connection).work(burst=True)
 
 
-@needs_segment
 def test_rq_background_predictions_are_posted_to_label_studio(redis_server, make_runtime, fake_ls):
     from rq import SimpleWorker
 

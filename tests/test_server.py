@@ -23,7 +23,6 @@ from server_helpers import (
     annotation_event,
     brush_result,
     free_port,
-    needs_segment,
     png_bytes,
     scene,
     square_mask,
@@ -168,7 +167,6 @@ def test_first_annotation_becomes_the_reference_and_changes_the_version(backend,
     assert versions["current"] == version
 
 
-@needs_segment
 def test_predict_returns_brush_masks_of_the_task_size_with_the_setup_version(backend, fake_ls):
     client, runtime = backend
     learn_reference(client, runtime, fake_ls)
@@ -199,7 +197,6 @@ def test_predict_returns_brush_masks_of_the_task_size_with_the_setup_version(bac
     assert again.json["results"] == results
 
 
-@needs_segment
 def test_a_batch_over_the_time_budget_finishes_in_the_background(make_runtime, fake_ls):
     runtime = make_runtime(PREDICT_TIME_BUDGET="0")
     client = create_app(runtime).test_client()
@@ -342,7 +339,6 @@ def test_deleting_the_reference_annotation_promotes_the_next_one(backend, fake_l
     assert state.model_version not in (first, learned.model_version, WAITING_VERSION)
 
 
-@needs_segment
 def _polygon(mask_box=(15, 20, 40, 50)) -> dict:
     y0, x0, y1, x1 = mask_box
     height, width = IMAGE_SIZE
@@ -512,7 +508,6 @@ def _bomb() -> bytes:
     return buffer.getvalue()
 
 
-@needs_segment
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -585,7 +580,6 @@ def _sixteen_bit(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@needs_segment
 @pytest.mark.parametrize(
     ("encode", "displayed_size"),
     [
@@ -614,7 +608,6 @@ def test_any_image_mode_is_predicted_at_its_displayed_size(
         assert (result["original_height"], result["original_width"]) == displayed_size
 
 
-@needs_segment
 def test_a_task_with_several_images_is_predicted_on_the_labelled_one(backend, fake_ls):
     config = LABEL_CONFIG.replace(
         '<Image name="image" value="$image"/>',
