@@ -1,0 +1,426 @@
+"""Background training: bring a project's reference and learned state up to date from its
+stored annotations.
+
+The first usable annotation (oldest first) becomes the reference; every usable annotation is
+then handed to the model's learning hook (:meth:`model.OneShotModel.learn`, which defaults to
+:func:`learn_from_examples`). The result is written only while the training lease is held, and
+the model version is a hash of the state it decides predictions with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from matcher_core import Example, Reference
+from matcher_core.learning import Correction
+from matcher_core.learning import learn as learn_from_corrections
+
+from .errors import TASK_INPUT_ERRORS
+from .labelstudio import LabelingSchema, annotation_to_masks
+from .project import ProjectContext
+from .store import WAITING_VERSION, LockLost, ProjectState, StoreError, StoreUnavailable
+
+log = logging.getLogger("oneshot.model")
+
+
+@dataclass
+class TrainingExample:
+    """One stored annotation, loaded (image downloaded, masks decoded) only when needed."""
+
+    key: str
+    annotation: dict
+    task: dict
+    loader: Callable[[TrainingExample], Example] = field(repr=False)
+    _loaded: Example | None = field(default=None, repr=False)
+
+    @property
+    def annotation_id(self) -> int | str | None:
+        return self.annotation.get("id")
+
+    def load(self) -> Example:
+        """The image and ``{label: [(H, W) bool mask, ...]}`` of this annotation.
+
+        Raises:
+            FetchError, ImageError, AnnotationError: the image or the annotation is unusable.
+        """
+        if self._loaded is None:
+            self._loaded = self.loader(self)
+        return self._loaded
+
+
+# The learning hook: (private copy of the state, private copy of the reference, every usable
+# example oldest first) -> the learned reference, or None when nothing could be learned.
+LearnHook = Callable[[ProjectState, Reference, list[TrainingExample]], "Reference | None"]
+
+
+def model_version_of(reference: Reference | None, learned: dict, mode: str) -> str:
+    """``oneshot-<hash>`` of everything that decides predictions: the reference content (shots,
+    negatives, mask weights, thresholds, the models that built it), the learned state and the
+    engine mode. ``oneshot-waiting`` without a reference.
+
+    The hash is of the arrays and values themselves, not of serialised bytes (``npz`` embeds
+    timestamps), so rebuilding the same state gives the same version.
+    """
+    if reference is None:
+        return WAITING_VERSION
+    digest = hashlib.blake2b(digest_size=6)
+    digest.update(json.dumps({"mode": mode, "model_id": reference.model_id}).encode())
+    for name in sorted(reference.labels):
+        label_ref = reference.labels[name]
+        digest.update(
+            json.dumps(
+                {
+                    "label": name,
+                    "shots": len(label_ref.shots),
+                    "threshold": label_ref.score_threshold,
+                }
+            ).encode()
+        )
+        arrays: list[np.ndarray | None] = [label_ref.negatives, label_ref.mask_weights]
+        for shot in label_ref.shots:
+            arrays += [shot.patch_features, shot.patch_mask, shot.sam_target_embedding]
+        for array in arrays:
+            if array is None:
+                digest.update(b"-")
+            else:
+                array = np.ascontiguousarray(array)
+                digest.update(f"{array.dtype}{array.shape}".encode())
+                digest.update(array.tobytes())
+    digest.update(json.dumps(learned, sort_keys=True, default=str).encode())
+    return f"oneshot-{digest.hexdigest()}"
+
+
+def example_order(item: tuple[str, dict]) -> tuple:
+    """Annotations in the order they were created in Label Studio (ids increase), so the
+    incremental path and a full rebuild pick the same first annotation as the reference."""
+    annotation_id = item[1].get("annotation", {}).get("id")
+    return (0, annotation_id, item[0]) if isinstance(annotation_id, int) else (1, 0, item[0])
+
+
+def example_loader(
+    project: ProjectContext, schema: LabelingSchema, state: ProjectState, api_holder: dict
+) -> Callable[[TrainingExample], Example]:
+    """Loads an example: its task from Label Studio when it was stored without data, its
+    image, and its masks (rectangles / keypoints turned into masks by SAM)."""
+    runtime = project.runtime
+
+    def load(example: TrainingExample) -> Example:
+        task = example.task
+        if not isinstance(task.get("data"), dict):
+            if "api" not in api_holder:
+                api_holder["api"] = project.api(state)
+            task = api_holder["api"].task(task.get("id") or example.annotation.get("task"))
+            example.task = task
+        image = project.load_task_image(task, schema, state)
+        segmenter = runtime.segmenter()
+
+        def sam(points, point_labels, box):
+            with runtime.inference_slot():
+                return segmenter.segment_from_prompts(image, points, point_labels, box)[0]
+
+        masks = annotation_to_masks(
+            example.annotation.get("result") or [], schema, image.shape[:2], sam
+        )
+        return Example(image=image, masks=masks)
+
+    return load
+
+
+def sync_examples_from_label_studio(project: ProjectContext, state: ProjectState) -> None:
+    """Replace the stored examples by the project's annotations in Label Studio."""
+    project_id = project.require_project_id()
+    store = project.store
+    api = project.api(state)
+    fresh: dict[str, dict] = {}
+    for task in api.annotated_tasks(project_id):
+        for annotation in task.get("annotations") or []:
+            if annotation.get("was_cancelled") or not annotation.get("result"):
+                continue
+            fresh[f"annotation:{annotation['id']}"] = {
+                "annotation": {**annotation, "task": task.get("id")},
+                "task": {"id": task.get("id"), "data": task.get("data")},
+                "received_at": time.time(),
+            }
+    stale = set(store.examples(project_id)) - set(fresh)
+    store.delete_examples(project_id, stale)
+    for key, payload in fresh.items():
+        store.put_example(project_id, key, payload)
+    log.info(
+        "project %s: %d annotation(s) fetched from Label Studio (%d stale removed)",
+        project_id,
+        len(fresh),
+        len(stale),
+    )
+
+
+def train(
+    project: ProjectContext,
+    learn: LearnHook,
+    full: bool = False,
+    fence: tuple[str, str] | None = None,
+) -> ProjectState:
+    """One training of ``project`` (see :meth:`model.OneShotModel.train`).
+
+    Args:
+        learn: the learning hook, called with every usable example once there is a reference
+            and something new to learn.
+        full: refetch every annotation from Label Studio and rebuild from scratch.
+        fence: ``(lock, token)`` of the training lease: the result is written only while
+            that lease is held (see ``backend.jobs``).
+
+    Returns:
+        The project's state after the training (the previous one when it failed cleanly).
+    """
+    started = time.perf_counter()
+    project_id = project.require_project_id()
+    store, metrics, runtime = project.store, project.metrics, project.runtime
+    requested: float | None = None
+    try:
+        state = store.load(project_id)
+        requested = state.training_requested_at
+        schema = project.schema(state)
+        if full:
+            sync_examples_from_label_studio(project, state)
+        stored = sorted(store.examples(project_id).items(), key=example_order)
+        # An example stored again after it was learned (e.g. an annotation updated while
+        # the last training ran, which then marked the old content applied) is learned anew.
+        relearn = {
+            key
+            for key, payload in stored
+            if state.applied_stamps.get(key, payload.get("received_at"))
+            != payload.get("received_at")
+        }
+        state.applied_examples = [k for k in state.applied_examples if k not in relearn]
+        segmenter = runtime.segmenter()
+        loader = example_loader(project, schema, state, {})
+        examples = [
+            TrainingExample(key, p.get("annotation", {}), p.get("task") or {}, loader)
+            for key, p in stored
+        ]
+        keys = {e.key for e in examples}
+        source = (state.reference_source or {}).get("key")
+        reference = None
+        if state.reference is not None and not full:
+            reference = Reference.from_bytes(state.reference)  # a private copy to modify
+        rebuild = (
+            reference is None
+            or source not in keys
+            or source not in state.applied_examples
+            or reference.model_id != segmenter.model_id
+        )
+        applied = [] if rebuild else list(state.applied_examples)
+        failures: dict[str, str] = {}
+        if rebuild:
+            reference, source = None, None
+            state.learned = {}  # learned state is relearned from scratch with the reference
+            for example in examples:
+                try:
+                    reference = segmenter.build_reference([example.load()])
+                except TASK_INPUT_ERRORS as error:
+                    failures[example.key] = str(error)
+                    log.warning(
+                        "project %s %s cannot be the reference: %s",
+                        project_id,
+                        example.key,
+                        error,
+                    )
+                    continue
+                source = example.key
+                applied = [example.key]
+                break
+        pending = [e for e in examples if e.key not in applied and e.key not in failures]
+        learned_something = False
+        if reference is not None and pending:
+            usable = [e for e in examples if e.key not in failures]
+            learned = learn(state, reference, usable)
+            if learned is not None:
+                reference, learned_something = learned, True
+                applied += [e.key for e in pending]
+    except Exception as error:
+        training_failed(project, project_id, error, started, requested)
+        raise
+
+    if reference is None and failures:
+        # Nothing usable now (Label Studio down, images failing): keep serving what we have.
+        error = RuntimeError("no annotation could be used: " + "; ".join(failures.values()))
+        training_failed(project, project_id, error, started, requested)
+        return store.load(project_id)
+
+    if not rebuild and not learned_something:
+        log.info("project %s: nothing new to learn (%d pending)", project_id, len(pending))
+        metrics.trainings.inc("skipped")
+        return store.update(
+            project_id,
+            lambda current: request_served(current, requested),
+            reason="nothing to learn",
+            fence=fence,
+        )
+    if reference is not None:
+        cap_shots(project, reference)
+    version = model_version_of(reference, state.learned, project.settings.mode)
+    blob = reference.to_bytes() if reference is not None else None
+    source_info = None
+    if source is not None:
+        annotation = next(e.annotation for e in examples if e.key == source)
+        source_info = {
+            "key": source,
+            "annotation_id": annotation.get("id"),
+            "task_id": annotation.get("task"),
+        }
+    reason = "full retraining" if full else ("reference built" if rebuild else "learned")
+
+    def change(current: ProjectState) -> ProjectState:
+        current.reference = blob
+        current.reference_source = source_info
+        current.applied_examples = applied
+        received = {key: payload.get("received_at") for key, payload in stored}
+        current.applied_stamps = {key: received.get(key) for key in applied}
+        current.model_version = version
+        current.learned = state.learned
+        current.last_error = None
+        request_served(current, requested)
+        return current
+
+    try:
+        new_state = store.update(project_id, change, reason=reason, fence=fence)
+    except StoreError as error:
+        training_failed(project, project_id, error, started, requested)
+        raise
+    seconds = time.perf_counter() - started
+    metrics.trainings.inc("ok")
+    metrics.training_seconds.observe(seconds)
+    log.info(
+        "project %s: %s from %d annotation(s) (%d learned, %d unusable) in %.1f s; "
+        "model version %s -> %s",
+        project_id,
+        reason,
+        len(examples),
+        len(applied),
+        len(failures),
+        seconds,
+        state.model_version,
+        version,
+    )
+    return new_state
+
+
+def request_served(state: ProjectState, requested: float | None) -> ProjectState | None:
+    """Clear the training request this training started from (a later request stays: its
+    own training is queued). ``None`` (nothing to write) when there is nothing to clear."""
+    if state.training_requested_at is None or state.training_requested_at != requested:
+        return None
+    state.training_requested_at = None
+    return state
+
+
+def cap_shots(project: ProjectContext, reference: Reference) -> None:
+    """Keep at most ``MAX_SHOTS_PER_LABEL`` shots per label, saying so: the reference's own
+    (base) shots first, then the newest learned ones."""
+    limit = project.settings.max_shots_per_label
+    for name, label_ref in reference.labels.items():
+        if len(label_ref.shots) > limit:
+            log.warning(
+                "project %s label %r: %d reference shots, over the limit of %d "
+                "(MAX_SHOTS_PER_LABEL); keeping the newest %d",
+                project.project_id,
+                name,
+                len(label_ref.shots),
+                limit,
+                limit,
+            )
+            base = min(label_ref.base_shots or 0, limit)
+            learned = label_ref.shots[base:][-(limit - base) :] if limit > base else []
+            label_ref.shots = label_ref.shots[:base] + learned
+            if label_ref.base_shots is not None:
+                label_ref.base_shots = base
+
+
+def training_failed(
+    project: ProjectContext,
+    project_id: str,
+    error: BaseException,
+    started: float,
+    requested: float | None = None,
+) -> None:
+    """Count and log a failed training and record it in the state (the previous reference
+    and version keep serving)."""
+    project.metrics.trainings.inc("failed")
+    project.metrics.training_seconds.observe(time.perf_counter() - started)
+    log.error("project %s: training failed, previous version kept: %s", project_id, error)
+    if isinstance(error, (StoreUnavailable, LockLost)):
+        # Unreachable store: the request mark stays, and the training is resumed once the
+        # store is back. Lost lease: another trainer owns the project now.
+        return
+    message = f"{type(error).__name__}: {error}"
+
+    def change(state: ProjectState) -> ProjectState:
+        state.last_error = message[:1000]
+        # A clean failure is recorded, not retried in a loop: the next event retrains.
+        request_served(state, requested)
+        return state
+
+    try:
+        project.store.update(project_id, change, reason="training failed")
+    except StoreError:
+        log.error("project %s: could not record the training failure", project_id)
+
+
+def learn_from_examples(
+    project: ProjectContext,
+    state: ProjectState,
+    reference: Reference,
+    examples: list[TrainingExample],
+) -> Reference | None:
+    """The default learning hook: :func:`matcher_core.learning.learn` on every example that
+    loads, with its figures in the metrics and the log (see :meth:`model.OneShotModel.learn`).
+    """
+    corrections = []
+    for example in examples:
+        try:
+            loaded = example.load()
+        except TASK_INPUT_ERRORS as error:
+            log.warning("project %s %s: not learned from: %s", state.project_id, example.key, error)
+            continue
+        task_id = example.annotation.get("task") if isinstance(example.annotation, dict) else None
+        corrections.append(
+            Correction(
+                loaded.image,
+                loaded.masks,
+                task_id=task_id if task_id is not None else example.key,
+            )
+        )
+    if not corrections:
+        return None
+    learned, report = learn_from_corrections(
+        project.runtime.segmenter(),
+        reference,
+        corrections,
+        max_shots=project.settings.max_shots_per_label,
+    )
+    state.learned = {"examples": report.examples, "labels": report.labels}
+    last_training = project.metrics.last_training
+    for label, figures in report.labels.items():
+        for quantity in ("shots", "negatives", "threshold", "loss_before", "loss_after"):
+            if isinstance(figures.get(quantity), int | float):
+                last_training.set(state.project_id, label, quantity, value=figures[quantity])
+        last_training.set(state.project_id, label, "examples", value=report.examples)
+        last_training.set(state.project_id, label, "seconds", value=report.seconds)
+    log.info(
+        "project %s: learned from %d example(s) in %.1f s: %s",
+        state.project_id,
+        report.examples,
+        report.seconds,
+        "; ".join(
+            f"{label}: {f.get('shots')} shots, {f.get('negatives')} negatives, threshold "
+            f"{f.get('threshold')}, PerSAM-F loss {f.get('loss_before')} -> {f.get('loss_after')}"
+            for label, f in report.labels.items()
+        ),
+    )
+    return learned
