@@ -9,17 +9,13 @@ the model version is a hash of the state it decides predictions with.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from matcher_core import Example, Reference
-from matcher_core.learning import Correction
+from matcher_core.learning import Correction, model_version
 from matcher_core.learning import learn as learn_from_corrections
 
 from .errors import TASK_INPUT_ERRORS
@@ -61,40 +57,11 @@ LearnHook = Callable[[ProjectState, Reference, list[TrainingExample]], "Referenc
 
 
 def model_version_of(reference: Reference | None, learned: dict, mode: str) -> str:
-    """``oneshot-<hash>`` of everything that decides predictions: the reference content (shots,
-    negatives, mask weights, thresholds, the models that built it), the learned state and the
-    engine mode. ``oneshot-waiting`` without a reference.
-
-    The hash is of the arrays and values themselves, not of serialised bytes (``npz`` embeds
-    timestamps), so rebuilding the same state gives the same version.
-    """
+    """The project's model version: :func:`matcher_core.learning.model_version` of the reference
+    with the learned summary and the engine mode; ``oneshot-waiting`` without a reference."""
     if reference is None:
         return WAITING_VERSION
-    digest = hashlib.blake2b(digest_size=6)
-    digest.update(json.dumps({"mode": mode, "model_id": reference.model_id}).encode())
-    for name in sorted(reference.labels):
-        label_ref = reference.labels[name]
-        digest.update(
-            json.dumps(
-                {
-                    "label": name,
-                    "shots": len(label_ref.shots),
-                    "threshold": label_ref.score_threshold,
-                }
-            ).encode()
-        )
-        arrays: list[np.ndarray | None] = [label_ref.negatives, label_ref.mask_weights]
-        for shot in label_ref.shots:
-            arrays += [shot.patch_features, shot.patch_mask, shot.sam_target_embedding]
-        for array in arrays:
-            if array is None:
-                digest.update(b"-")
-            else:
-                array = np.ascontiguousarray(array)
-                digest.update(f"{array.dtype}{array.shape}".encode())
-                digest.update(array.tobytes())
-    digest.update(json.dumps(learned, sort_keys=True, default=str).encode())
-    return f"oneshot-{digest.hexdigest()}"
+    return model_version(reference, context={"mode": mode, "learned": learned})
 
 
 def example_order(item: tuple[str, dict]) -> tuple:

@@ -25,6 +25,7 @@ has no instance in the image, so every prediction of that label there was delete
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -94,10 +95,12 @@ def base_reference(reference: Reference) -> Reference:
     return Reference(labels=labels, model_id=reference.model_id)
 
 
-def model_version(reference: Reference) -> str:
+def model_version(reference: Reference, context: dict | None = None) -> str:
     """``oneshot-<12 hex>``: a content hash of everything that changes predictions (the models'
-    identity, every label's shots, negatives, mask weights, score threshold). The same state
-    always gives the same version, and any learned change gives a new one."""
+    identity, every label's shots, negatives, mask weights, score threshold, and any JSON-able
+    ``context`` the caller adds, such as the engine mode). The same state always gives the same
+    version, and any learned change gives a new one. References built with random test weights
+    get ``oneshot-random-<12 hex>``, so their predictions say so wherever the version shows."""
     digest = hashlib.blake2b(digest_size=16)
 
     def add(tag: str, value: object) -> None:
@@ -121,7 +124,10 @@ def model_version(reference: Reference) -> str:
             add("instances", shot.instance_count)
         add("negatives", None if label_ref.negatives is None else label_ref.negatives)
         add("weights", None if label_ref.mask_weights is None else label_ref.mask_weights)
-    return f"oneshot-{digest.hexdigest()[:12]}"
+    if context is not None:
+        add("context", json.dumps(context, sort_keys=True, default=str))
+    prefix = "oneshot-random-" if "random=True" in reference.model_id else "oneshot-"
+    return f"{prefix}{digest.hexdigest()[:12]}"
 
 
 # --- small pieces ---------------------------------------------------------------------------

@@ -11,6 +11,8 @@ Two kinds of tests, as for the Matcher pipeline:
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -306,7 +308,10 @@ def test_a_correction_changes_the_shots_and_the_version(tiny_case):
     assert len(reference.labels["thing"].shots) == 1
     assert [len(r.labels["thing"].shots) for r in (after_a, after_ab)] == [2, 3]
     versions = {model_version(r) for r in (reference, after_a, after_ab)}
-    assert len(versions) == 3 and all(v.startswith("oneshot-") and len(v) == 20 for v in versions)
+    # Tiny random models: the version says so.
+    assert len(versions) == 3 and all(
+        re.fullmatch(r"oneshot-random-[0-9a-f]{12}", v) for v in versions
+    )
     assert model_version(learn(segmenter, after_ab, [], train_weights=False)[0]) == model_version(
         learn(segmenter, reference, [], train_weights=False)[0]
     )
@@ -323,6 +328,13 @@ def test_a_correction_trains_the_persam_f_weights(tiny_case):
     assert model_version(learned) != model_version(
         learn(segmenter, reference, [a, b], train_weights=False)[0]
     )
+
+
+def test_versions_of_real_models_carry_no_random_mark(tiny_case):
+    _, reference, _, _, _ = tiny_case
+    real = Reference(labels=reference.labels, model_id="sam=vit_h:official;random=False")
+    assert re.fullmatch(r"oneshot-[0-9a-f]{12}", model_version(real))
+    assert model_version(real, {"mode": "persam"}) != model_version(real, {"mode": "matcher"})
 
 
 def test_every_learned_change_gives_a_new_version(tiny_case):
