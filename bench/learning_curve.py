@@ -51,9 +51,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from realdata import (  # noqa: E402
+    DEFAULT_DATA,
+    SUBSETS,
+    EncodedFolder,
+    encoded_folders,
+    real_encoder,
+    real_feature_config,
+    shot_of,
+)
+
 from matcher_core.config import SegmenterConfig  # noqa: E402
-from matcher_core.features import PatchEncoder, patch_centres, pool_mask_to_grid  # noqa: E402
-from matcher_core.imageio import load_image, load_label_mask  # noqa: E402
+from matcher_core.features import patch_centres  # noqa: E402
 from matcher_core.learning import select_negatives  # noqa: E402
 from matcher_core.matching import (  # noqa: E402
     MatchResult,
@@ -62,11 +71,8 @@ from matcher_core.matching import (  # noqa: E402
     pool_matches,
     shot_mask_cells,
 )
-from matcher_core.models import load_encoder  # noqa: E402
 from matcher_core.reference import Shot  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "oneshot_seg_real"
-SUBSETS = ("davis2016_val", "fss1000", "perseg_examples")
 SHOT_COUNTS = (1, 2, 4, 8)
 TARGET_FRACTION = 0.3
 ARMS = ("union", "consensus", "consensus + negatives")
@@ -87,32 +93,19 @@ class Folder:
     targets: list[Image] = field(default_factory=list)
 
 
-def load_folders(data: Path, encoder: PatchEncoder, limit: int | None) -> list[Folder]:
-    """Every folder (the first ``limit`` of each subset), split into training and targets."""
+def split_folders(encoded: list[EncodedFolder]) -> list[Folder]:
+    """Each folder's images split into training (the first ~70%) and held-out targets."""
     folders = []
-    for subset in SUBSETS:
-        directories = sorted(p for p in (data / subset).iterdir() if p.is_dir())
-        for directory in directories[:limit]:
-            images = [
-                Image(
-                    encoder(load_image(path)).numpy().astype(np.float16),
-                    load_label_mask(path.with_suffix(".png")) > 0,
-                )
-                for path in sorted(directory.glob("*.jpg"))
-            ]
-            held_out = max(1, round(TARGET_FRACTION * len(images)))
-            split = len(images) - held_out
-            folders.append(Folder(f"{subset}/{directory.name}", images[:split], images[split:]))
+    for entry in encoded:
+        images = [
+            Image(features.numpy().astype(np.float16), mask)
+            for features, mask in zip(entry.features, entry.masks, strict=True)
+        ]
+        held_out = max(1, round(TARGET_FRACTION * len(images)))
+        split = len(images) - held_out
+        subset = next(d for d, short in SUBSETS.items() if short == entry.subset)
+        folders.append(Folder(f"{subset}/{entry.name}", images[:split], images[split:]))
     return folders
-
-
-def make_shot(image: Image) -> Shot:
-    grid = tuple(image.features.shape[:2])
-    return Shot(
-        patch_features=image.features,
-        patch_mask=pool_mask_to_grid(image.mask, grid).numpy(),
-        sam_target_embedding=np.zeros(1, np.float32),
-    )
 
 
 def flat(features: np.ndarray) -> np.ndarray:
@@ -202,7 +195,9 @@ def evaluate(
     tallies = {(k, arm): Tally() for k in SHOT_COUNTS for arm in ARMS}
     others_targets = [folder.targets[0] for folder in folders]
     for index, folder in enumerate(folders):
-        shots = [make_shot(image) for image in folder.training[: max(SHOT_COUNTS)]]
+        shots = [
+            shot_of(image.features, image.mask) for image in folder.training[: max(SHOT_COUNTS)]
+        ]
         matcher = ShotMatches(shots)
         others = [f for j, f in enumerate(folders) if j != index]
         other_targets = [t for j, t in enumerate(others_targets) if j != index]
@@ -285,12 +280,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    config = SegmenterConfig(
-        encoder="efficientnet_lite0", encoder_input_size=args.input_size, device="cpu"
-    )
-    encoder = PatchEncoder(load_encoder(config), args.input_size)
+    config = real_feature_config(args.input_size)
+    encoder = real_encoder(config)
     start = time.perf_counter()
-    folders = load_folders(args.data, encoder, args.limit)
+    folders = split_folders(encoded_folders(args.data, encoder, folders_per_subset=args.limit))
     encode_seconds = time.perf_counter() - start
     start = time.perf_counter()
     tallies = evaluate(folders, config, args.max_negatives)

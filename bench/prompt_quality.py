@@ -35,7 +35,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,17 +43,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from realdata import (  # noqa: E402
+    DEFAULT_DATA,
+    SUBSETS,
+    encoded_folders,
+    real_encoder,
+    real_feature_config,
+    shot_of,
+)
+
 from matcher_core.config import SegmenterConfig  # noqa: E402
-from matcher_core.features import PatchEncoder, patch_centres, pool_mask_to_grid  # noqa: E402
-from matcher_core.imageio import load_image, load_label_mask  # noqa: E402
+from matcher_core.features import patch_centres  # noqa: E402
 from matcher_core.matching import match_shots  # noqa: E402
-from matcher_core.models import load_encoder  # noqa: E402
 from matcher_core.prior import location_prior  # noqa: E402
 from matcher_core.prompts import sample_prompts  # noqa: E402
 from matcher_core.reference import Shot  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "oneshot_seg_real"
-SUBSETS = {"davis2016_val": "davis", "fss1000": "fss", "perseg_examples": "perseg"}
 METHODS = (
     "Matcher matched points",
     "Matcher prompt centres",
@@ -96,14 +101,6 @@ class Tally:
         }
 
 
-@dataclass
-class FolderData:
-    subset: str
-    name: str
-    features: list[torch.Tensor] = field(default_factory=list)
-    masks: list[np.ndarray] = field(default_factory=list)
-
-
 def inside_mask(mask: np.ndarray, xy: np.ndarray) -> np.ndarray:
     """``(n,)`` bool: which ``(n, 2)`` XY original-pixel points fall on ``mask`` ((H, W) bool)."""
     if len(xy) == 0:
@@ -112,15 +109,6 @@ def inside_mask(mask: np.ndarray, xy: np.ndarray) -> np.ndarray:
     cols = np.clip(np.floor(xy[:, 0]).astype(int), 0, width - 1)
     rows = np.clip(np.floor(xy[:, 1]).astype(int), 0, height - 1)
     return mask[rows, cols]
-
-
-def make_shot(features: torch.Tensor, mask: np.ndarray) -> Shot:
-    grid = tuple(features.shape[:2])
-    return Shot(
-        patch_features=features.numpy().astype(np.float16),
-        patch_mask=pool_mask_to_grid(mask, grid).numpy(),
-        sam_target_embedding=np.zeros(1, np.float32),
-    )
 
 
 def method_points(
@@ -146,21 +134,6 @@ def method_points(
         METHODS[3]: centres[top_k],
     }
     return points, (match.quality, match.kept_fraction)
-
-
-def load_folders(data: Path, encoder: PatchEncoder, limit: int | None) -> list[FolderData]:
-    folders = []
-    for subset_dir, subset in SUBSETS.items():
-        for folder in sorted(p for p in (data / subset_dir).iterdir() if p.is_dir()):
-            images = sorted(folder.glob("*.jpg"))
-            if limit is not None:
-                images = images[: limit + 1]  # the reference and `limit` targets
-            entry = FolderData(subset, folder.name)
-            for path in images:
-                entry.features.append(encoder(load_image(path)))
-                entry.masks.append(load_label_mask(path.with_suffix(".png")) > 0)
-            folders.append(entry)
-    return folders
 
 
 def auc(positive: list[float], negative: list[float]) -> float:
@@ -192,12 +165,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    config = SegmenterConfig(
-        encoder="efficientnet_lite0", encoder_input_size=args.input_size, device="cpu"
-    )
-    encoder = PatchEncoder(load_encoder(config), args.input_size)
+    config = real_feature_config(args.input_size)
+    encoder = real_encoder(config)
     start = time.perf_counter()
-    folders = load_folders(args.data, encoder, args.limit)
+    # The reference and at most `limit` targets per folder.
+    per_folder = None if args.limit is None else args.limit + 1
+    folders = encoded_folders(args.data, encoder, images_per_folder=per_folder)
     encode_seconds = time.perf_counter() - start
 
     tallies = {subset: {m: Tally() for m in METHODS} for subset in SUBSETS.values()}
@@ -206,7 +179,7 @@ def main() -> None:
     absent_quality: dict[str, list[tuple[float, float]]] = {s: [] for s in SUBSETS.values()}
     start = time.perf_counter()
     for index, folder in enumerate(folders):
-        shot = make_shot(folder.features[0], folder.masks[0])
+        shot = shot_of(folder.features[0], folder.masks[0])
         for target, mask in zip(folder.features[1:], folder.masks[1:], strict=True):
             points, quality = method_points(shot, target, mask.shape, config)
             present_quality[folder.subset].append(quality)
