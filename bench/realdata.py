@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,15 +56,17 @@ def encoded_folders(
 ) -> list[EncodedFolder]:
     """Every folder of every subset (the first ``folders_per_subset`` of each), each with its
     first ``images_per_folder`` images encoded."""
-    folders = []
+    chosen = []
     for subset_dir, subset in SUBSETS.items():
         directories = sorted(p for p in (data / subset_dir).iterdir() if p.is_dir())
-        for directory in directories[:folders_per_subset]:
-            entry = EncodedFolder(subset, directory.name)
-            for path in sorted(directory.glob("*.jpg"))[:images_per_folder]:
-                entry.features.append(encoder(load_image(path)))
-                entry.masks.append(load_label_mask(path.with_suffix(".png")) > 0)
-            folders.append(entry)
+        chosen += [(subset, directory) for directory in directories[:folders_per_subset]]
+    folders = []
+    for subset, directory in tqdm(chosen, desc="encoding folders", unit="folder"):
+        entry = EncodedFolder(subset, directory.name)
+        for path in sorted(directory.glob("*.jpg"))[:images_per_folder]:
+            entry.features.append(encoder(load_image(path)))
+            entry.masks.append(load_label_mask(path.with_suffix(".png")) > 0)
+        folders.append(entry)
     return folders
 
 
