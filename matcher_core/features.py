@@ -7,7 +7,8 @@ Coordinate frames used across the package:
   ``input_size = (h, w)``; SAM's embedding covers the padded square ``img_size x img_size``.
 * *patch grid*: the matching encoder sees the whole image resized to a square
   ``encoder_input_size``; its features form a ``(gh, gw)`` grid that covers the whole original image,
-  cell ``(i, j)`` centred on original pixel ``((j + 0.5) * W / gw, (i + 0.5) * H / gh)``.
+  cell ``(i, j)`` centred on original pixel ``((j + 0.5) * W / gw, (i + 0.5) * H / gh)`` (for the
+  EfficientNet too: see the note above :class:`PatchEncoder`).
 """
 
 from __future__ import annotations
@@ -95,8 +96,20 @@ class SamImageEncoder:
         return self.sam.image_encoder(x)[0], size
 
 
+# The EfficientNet's stride-16 cells are taken as centred like a ViT's, at ``c + 0.5`` cells: TF
+# "SAME" padding puts the *geometric* centre of cell ``c`` at input pixel ``16 c + 15.5`` (each
+# stride-2 convolution pads one pixel less before than after), but the *effective* centre
+# (gradient-weighted, real weights, 4 DAVIS frames at 448 px) is at ``c + 0.49`` rows and
+# ``c + 0.63`` columns (spread 0.3 cells).
+
+
 class PatchEncoder:
-    """Dense, L2-normalised patch features of a timm ViT (DINOv2) or EfficientNet."""
+    """Dense, L2-normalised patch features of a timm ViT (DINOv2) or EfficientNet.
+
+    A ViT gives its *pre-norm* patch tokens (the last block's output before the final LayerNorm),
+    as Matcher does (``forward_features(...)["x_prenorm"]``): the final norm rescales every token
+    and shifts every cosine the matching and scoring rules were tuned on.
+    """
 
     def __init__(self, model: nn.Module, input_size: int):
         self.model = model
@@ -120,12 +133,18 @@ class PatchEncoder:
         )
         x = (x - self.mean.to(device)) / self.std.to(device)
         if self.is_vit:
-            tokens = self.model.forward_features(x)[:, self.model.num_prefix_tokens :]
+            tokens = self._vit_prenorm_tokens(x)[:, self.model.num_prefix_tokens :]
             gh, gw = self.model.patch_embed.grid_size
             grid = tokens.reshape(1, gh, gw, -1)
         else:
             grid = self._cnn_features(x)
         return F.normalize(grid[0].float(), dim=-1)
+
+    def _vit_prenorm_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``VisionTransformer.forward_features`` without its final ``norm``."""
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        return m.blocks(x)
 
     def _cnn_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stride-16 EfficientNet features with the stride-32 stage upsampled and concatenated."""

@@ -122,3 +122,22 @@ def test_sam_target_embedding_is_the_mean_under_the_mask(tiny_segmenter):
     embedding = tiny_segmenter.sam_target_embedding(features, full)
     expected = features.sam_embedding.reshape(features.sam_embedding.shape[0], -1).mean(1).numpy()
     assert np.allclose(embedding, expected, atol=1e-5)  # square image: every cell is covered
+
+
+def test_vit_patch_features_are_the_pre_norm_tokens_as_in_matcher(tiny_segmenter):
+    # Matcher matches DINOv2's ``x_prenorm`` tokens; timm's forward_features ends with the norm.
+    encoder = tiny_segmenter.patch_encoder
+    model = encoder.model
+    image, _ = disc_image(60, 90, (30, 40), 12)
+    features = encoder(image)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+    size = (encoder.input_size, encoder.input_size)
+    x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True)
+    x = (x - encoder.mean) / encoder.std
+    with torch.inference_mode():
+        prenorm = model.blocks(model._pos_embed(model.patch_embed(x)))
+        normed = model.forward_features(x)
+    tokens = prenorm[0, model.num_prefix_tokens :]
+    expected = torch.nn.functional.normalize(tokens, dim=-1).reshape(features.shape)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(prenorm, normed, atol=1e-3)
