@@ -69,7 +69,6 @@ from matcher_core.matching import (  # noqa: E402
     bidirectional_match,
     filter_negative_matches,
     pool_matches,
-    shot_mask_cells,
 )
 from matcher_core.reference import Shot  # noqa: E402
 
@@ -135,7 +134,7 @@ class ShotMatches:
             key = (index, id(image))
             if key not in self.cache:
                 self.cache[key] = bidirectional_match(
-                    flat(shot.patch_features), shot_mask_cells(shot), flat(image.features), index
+                    flat(shot.patch_features), shot.object_cells(), flat(image.features), index
                 )
             out.append(self.cache[key])
         return out

@@ -22,9 +22,9 @@ from scipy.optimize import linear_sum_assignment
 
 from .reference import Shot
 
-REFERENCE_MASK_THRESHOLD = 0.5
-"""A reference patch cell is *inside* the mask when the mask covers at least this fraction of it
-(the rule of :meth:`matcher_core.reference.Shot.masked_features`)."""
+PRUNE_ABOVE = 40
+"""Matcher keeps the better half of the matches (by forward cosine) when more than this many
+survive the reverse check (``patch_level_matching``: ``len // 2 if len > 40``)."""
 
 
 @dataclass
@@ -63,6 +63,16 @@ class MatchResult:
         """Fraction of forward matches that survived the reverse check (0 when none were made)."""
         return len(self) / self.forward_matches if self.forward_matches else 0.0
 
+    def subset(self, rows: np.ndarray) -> MatchResult:
+        """The matches at ``rows`` (indices or a bool mask), same forward count."""
+        return MatchResult(
+            target_indices=self.target_indices[rows],
+            reference_indices=self.reference_indices[rows],
+            shot_indices=self.shot_indices[rows],
+            similarities=self.similarities[rows],
+            forward_matches=self.forward_matches,
+        )
+
     @staticmethod
     def empty() -> MatchResult:
         none = np.zeros(0, dtype=np.int64)
@@ -89,6 +99,7 @@ def bidirectional_match(
     reference_mask: np.ndarray,
     target_features: np.ndarray,
     shot_index: int = 0,
+    keep_forward_if_none_survive: bool = False,
 ) -> MatchResult:
     """Forward Hungarian matching of the masked reference cells to the target, kept only where the
     reverse Hungarian matching (target to all reference cells) returns inside the mask.
@@ -98,6 +109,9 @@ def bidirectional_match(
         reference_mask: ``(Nr,)`` bool, the reference cells inside the object.
         target_features: ``(Nt, D)`` features of every target cell (flat, row-major).
         shot_index: recorded in :attr:`MatchResult.shot_indices`.
+        keep_forward_if_none_survive: when the reverse check rejects every forward match, keep
+            them all (Matcher's ``patch_level_matching`` does; the product instead takes such a
+            target to be without the object).
     """
     reference_mask = np.asarray(reference_mask, dtype=bool).reshape(-1)
     if reference_mask.shape[0] != len(reference_features):
@@ -121,6 +135,8 @@ def bidirectional_match(
     )
     lands_inside = np.zeros(len(forward_target), dtype=bool)
     lands_inside[reverse_rows] = reference_mask[reverse_cols]
+    if keep_forward_if_none_survive and not lands_inside.any():
+        lands_inside[:] = True
 
     kept_target = forward_target[lands_inside].astype(np.int64)
     kept_reference = forward_reference[lands_inside].astype(np.int64)
@@ -134,16 +150,6 @@ def bidirectional_match(
     )
 
 
-def shot_mask_cells(shot: Shot, threshold: float = REFERENCE_MASK_THRESHOLD) -> np.ndarray:
-    """``(gh * gw,)`` bool: the shot's cells inside its mask (the cells of largest coverage when
-    none reaches ``threshold``, so a tiny object still has a cell)."""
-    coverage = np.asarray(shot.patch_mask, dtype=np.float32).reshape(-1)
-    inside = coverage >= threshold
-    if not inside.any() and coverage.max() > 0:
-        inside = coverage >= coverage.max()
-    return inside
-
-
 def _flat_features(features: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(features, torch.Tensor):
         features = features.detach().float().cpu().numpy()
@@ -155,7 +161,10 @@ Pooling = Literal["union", "consensus"]
 
 
 def match_shots(
-    shots: Sequence[Shot], target_features: np.ndarray | torch.Tensor, pooling: Pooling = "union"
+    shots: Sequence[Shot],
+    target_features: np.ndarray | torch.Tensor,
+    pooling: Pooling = "union",
+    keep_forward_if_none_survive: bool = False,
 ) -> MatchResult:
     """Bidirectional matches of every shot against one target, pooled (:func:`pool_matches`).
 
@@ -165,12 +174,17 @@ def match_shots(
         shots: reference shots with ``(gh, gw, D)`` patch features on the same encoder as the target.
         target_features: ``(gh, gw, D)`` or ``(gh * gw, D)`` target patch features.
         pooling: ``union`` or ``consensus`` (see :func:`pool_matches`).
+        keep_forward_if_none_survive: see :func:`bidirectional_match`.
     """
     target = _flat_features(target_features)
     return pool_matches(
         [
             bidirectional_match(
-                _flat_features(shot.patch_features), shot_mask_cells(shot), target, i
+                _flat_features(shot.patch_features),
+                shot.object_cells(),
+                target,
+                i,
+                keep_forward_if_none_survive,
             )
             for i, shot in enumerate(shots)
         ],
@@ -220,6 +234,15 @@ def pool_matches(results: Sequence[MatchResult], pooling: Pooling = "union") -> 
         similarities=similarities[chosen],
         forward_matches=forward_matches,
     )
+
+
+def prune_matches(match: MatchResult, above: int = PRUNE_ABOVE) -> MatchResult:
+    """The better half of ``match`` by forward cosine when it holds more than ``above`` matches
+    (Matcher's rule, :data:`PRUNE_ABOVE`), else ``match`` itself; ``above <= 0`` never prunes."""
+    if above <= 0 or len(match) <= above:
+        return match
+    best = np.argsort(-match.similarities, kind="stable")[: len(match) // 2]
+    return match.subset(np.sort(best))
 
 
 @dataclass
@@ -277,11 +300,4 @@ def filter_negative_matches(
     to_object = (target @ l2_normalise(object_features).T).max(1)
     to_negative = (target @ l2_normalise(negatives).T).max(1)
     keep = to_negative <= to_object
-    kept = MatchResult(
-        target_indices=match.target_indices[keep],
-        reference_indices=match.reference_indices[keep],
-        shot_indices=match.shot_indices[keep],
-        similarities=match.similarities[keep],
-        forward_matches=match.forward_matches,
-    )
-    return NegativeCheck(kept, match.similarities[~keep])
+    return NegativeCheck(match.subset(keep), match.similarities[~keep])

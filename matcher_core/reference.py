@@ -63,15 +63,15 @@ class Shot:
     """``(C,)`` float32: mean of SAM image features under the mask (PerSAM's target embedding)."""
     instance_count: int = 1
 
-    def masked_features(self, threshold: float = 0.5) -> np.ndarray:
-        """``(N, D)`` float32 features of the patches inside the mask (the cell of largest coverage
-        if no cell reaches ``threshold``)."""
-        flat_mask = self.patch_mask.reshape(-1)
-        feats = self.patch_features.reshape(len(flat_mask), -1).astype(np.float32)
-        inside = flat_mask >= threshold
-        if not inside.any():
-            inside = flat_mask >= flat_mask.max()
-        return feats[inside]
+    def object_cells(self) -> np.ndarray:
+        """``(gh * gw,)`` bool: the cells the mask touches at all (Matcher's rule, ``avg_pool > 0``:
+        a thin object keeps every cell it crosses instead of collapsing to the few it half fills)."""
+        return np.asarray(self.patch_mask, dtype=np.float32).reshape(-1) > 0
+
+    def masked_features(self) -> np.ndarray:
+        """``(N, D)`` float32 features of the :meth:`object_cells`."""
+        flat_mask = self.object_cells()
+        return self.patch_features.reshape(len(flat_mask), -1).astype(np.float32)[flat_mask]
 
 
 @dataclass

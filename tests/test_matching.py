@@ -10,7 +10,7 @@ from matcher_core.matching import (
     bidirectional_match,
     correspondence_matrix,
     match_shots,
-    shot_mask_cells,
+    prune_matches,
 )
 from matcher_core.reference import Shot
 
@@ -92,12 +92,36 @@ def test_empty_mask_or_nothing_kept_gives_quality_zero():
     assert MatchResult.empty().kept_fraction == 0.0
 
 
-def test_shot_mask_cells_uses_half_coverage_and_falls_back_to_the_best_cell():
+def test_a_reference_cell_is_object_when_the_mask_touches_it_at_all():
+    # Matcher: avg_pool(mask) > 0, so a thin object keeps every cell it crosses.
     features = np.ones((2, 2, 3), np.float32)
-    half = shot_from(features, np.array([[0.5, 0.49], [0.0, 1.0]]))
-    assert shot_mask_cells(half).tolist() == [True, False, False, True]
-    tiny = shot_from(features, np.array([[0.1, 0.3], [0.0, 0.3]]))
-    assert shot_mask_cells(tiny).tolist() == [False, True, False, True]
+    shot = shot_from(features, np.array([[0.5, 0.01], [0.0, 1.0]]))
+    assert shot.object_cells().tolist() == [True, True, False, True]
+    assert len(shot.masked_features()) == 3
+
+
+def test_above_forty_matches_the_better_half_by_forward_cosine_is_kept():
+    count = 41
+    match = MatchResult(
+        target_indices=np.arange(count),
+        reference_indices=np.arange(count),
+        shot_indices=np.zeros(count, np.int64),
+        similarities=np.linspace(0.0, 1.0, count, dtype=np.float32)[::-1].copy(),
+        forward_matches=count,
+    )
+    pruned = prune_matches(match)
+    assert pruned.target_indices.tolist() == list(range(20))  # 41 // 2, the most similar
+    assert prune_matches(match.subset(np.arange(40))).target_indices.tolist() == list(range(40))
+    assert len(prune_matches(match, above=0)) == count
+
+
+def test_published_fallback_keeps_every_forward_match_when_none_survives_the_reverse_check():
+    reference = np.stack([E1, E2, E3])
+    mask = np.array([True, False, False])
+    target = np.stack([unit(0.6 * E1 + 0.8 * E3)])  # more like the background than the object
+    assert len(bidirectional_match(reference, mask, target)) == 0
+    kept = bidirectional_match(reference, mask, target, keep_forward_if_none_survive=True)
+    assert kept.target_indices.tolist() == [0]
 
 
 def test_several_shots_pool_their_matches_and_keep_each_target_cell_once():
