@@ -242,12 +242,10 @@ class Settings:
     def segmenter_config(self) -> SegmenterConfig:
         """The engine configuration these settings describe."""
         if self.random_weights:
-            # Random features never pass the thresholds tuned for real models, so a smoke run
-            # would pre-label nothing; keep every proposal instead (its masks are meaningless
-            # anyway, what a smoke run shows is that the whole path works).
-            config = tiny_config(model_dir=self.model_dir).replace(
-                score_threshold=0.0, rejection_threshold=0.0, min_purity=0.0, min_instance_area=1
-            )
+            # The same decisions as with real weights (every rule is relative to the reference
+            # or the best proposal); only tiny masks are let through, since the tiny models'
+            # masks are small.
+            config = tiny_config(model_dir=self.model_dir).replace(min_instance_area=1)
             if self.sam_model_type != "tiny" or self.encoder != "tiny":
                 # Random weights of a real-size architecture: allowed, but slow; say so.
                 config = config.replace(

@@ -77,7 +77,6 @@ def main() -> None:
         random_weights=True,
         model_dir=args.model_dir,
         device=args.device,
-        score_threshold=0.0,
     )
     folder = Path(args.folder)
     ref_image, ref_mask = load_pair(folder, 0)

@@ -7,7 +7,7 @@ command line only ever build a :class:`SegmenterConfig` (from the environment or
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 Mode = Literal["matcher", "persam"]
@@ -47,19 +47,13 @@ class SegmenterConfig:
     seed: int = 0
     """Seed of every random choice (prompt subsets, k-means initialisation)."""
 
-    # --- matcher: correspondence and prompts ----------------------------------------------
-    num_clusters: int = 8
-    """k of the k-means over matched target points (part-level prompt centres)."""
-    part_prompts: int = 8
-    """Part-level prompt sets: one per cluster, its centre as a single positive point."""
-    instance_prompts: int = 24
-    """Instance-level prompt sets: random subsets of 2..``max_points_per_prompt`` cluster centres."""
-    global_prompts: int = 1
-    """Global prompt sets: all cluster centres together."""
-    max_points_per_prompt: int = 4
-    """Largest number of positive points in one sampled prompt set."""
-    use_box: bool = False
-    """Also prompt SAM with the box around each sampled point subset."""
+    # --- matcher: correspondence -----------------------------------------------------------
+    prune_matches_above: int = 40
+    """Above this many bidirectional matches only the better half (by forward cosine) is kept
+    (Matcher's rule); 0 keeps all."""
+    keep_forward_if_none_survive: bool = False
+    """When the reverse check rejects every match, keep the forward matches (Matcher does; the
+    product instead treats the target as not showing the object)."""
     min_matched_points: int = 1
     """Below this many bidirectionally matched points the target is rejected (object absent)."""
     shot_pooling: Literal["union", "consensus"] = "consensus"
@@ -72,29 +66,102 @@ class SegmenterConfig:
     the reference, unless the remaining points match the reference better than the dropped ones
     by at least ``negative_rejection_margin`` mean cosine (a small object beside a look-alike);
     see :meth:`matcher_core.matching.NegativeCheck.looks_deleted`."""
+    absence_test: bool = True
+    """Return nothing when the target's matches are no closer to the reference object than the
+    reference's own background is (:func:`matcher_core.matching.absence_baseline`): a scale-free
+    test, since both sides are cosines of the same encoder. Matcher has no such test."""
+
+    # --- matcher: prompts ------------------------------------------------------------------
+    prompt_sampler: Literal["parts", "subsets"] = "parts"
+    """``parts``: the product's fast sampler (part-, instance- and global-level sets around
+    cluster centres, :func:`matcher_core.prompts.sample_prompts`); ``subsets``: Matcher's robust
+    prompt sampler (every subset, or random subsets, of sizes ``subset_sizes``,
+    :func:`matcher_core.prompts.sample_subsets`)."""
+    num_clusters: int = 8
+    """k of the k-means over matched target points."""
+    part_prompts: int = 8
+    """``parts``: part-level sets, one per cluster, its centre as a single positive point."""
+    instance_prompts: int = 24
+    """``parts``: instance-level sets, random subsets of 2..``max_points_per_prompt`` centres."""
+    global_prompts: int = 1
+    """``parts``: global sets, all cluster centres together."""
+    max_points_per_prompt: int = 4
+    """``parts``: largest number of positive points in one sampled prompt set."""
+    subset_points: Literal["centres", "matches"] = "centres"
+    """``subsets``: sample from the k-means centroids (Matcher's default) or from the matched
+    points themselves (``--use_points_or_centers``)."""
+    subset_sizes: tuple[int, int] = (4, 6)
+    """``subsets``: smallest and largest subset size (Matcher's ``sample_range``)."""
+    subsets_per_size: int = 30
+    """``subsets``: random subsets per size when there are more than 8 points; with 8 or fewer,
+    every subset (Matcher's ``max_sample_iterations``)."""
+    use_box: bool = False
+    """Also prompt SAM with a box: ``parts``, the box around each set's clusters; ``subsets``,
+    Matcher's one box around all matched points for every set."""
+
+    # --- matcher: SAM decoding -------------------------------------------------------------
+    mask_output: Literal["auto", "single", "all"] = "auto"
+    """Which of SAM's outputs make proposals. ``single``: the single-mask output (trained for
+    several points or a box; Matcher's FSS setting). ``all``: each of the 3 multimask outputs is a
+    proposal (Matcher's COCO/LVIS setting, with ``min_predicted_iou`` / ``min_stability``).
+    ``auto``: best of the 3 by predicted IoU for a lone point (an ambiguous prompt, which is what
+    SAM trained them on), the single-mask output otherwise."""
+    min_predicted_iou: float = 0.0
+    """Proposals whose predicted IoU is not above this are dropped (0: none)."""
+    min_stability: float = 0.0
+    """Proposals whose stability score (SAM's, offset 1) is below this are dropped (0: none)."""
+    box_nms_iou: float = 1.0
+    """Box non-maximum suppression of the proposals by predicted IoU (1: none)."""
+    dense_grid: int = 0
+    """Add SAM's "everything" proposals from a ``dense_grid`` x ``dense_grid`` point grid
+    (single-mask output), kept above ``dense_min_predicted_iou`` and ``dense_min_stability``."""
+    dense_min_predicted_iou: float = 0.88
+    dense_min_stability: float = 0.95
 
     # --- matcher: instance-level matching -------------------------------------------------
     emd_max_points: int = 64
-    """Reference / proposal features are reduced to at most this many points before ``ot.emd2``."""
+    """Reference / proposal features are reduced to at most this many points before ``ot.emd2``
+    (0: all, as published)."""
+    min_emd_score: float = 0.0
+    min_purity: float = 0.02
+    min_coverage: float = 0.0
+    """Proposals below these are dropped, each threshold lowered to the best proposal's value when
+    none reaches it (Matcher's rule: the filters never drop every proposal)."""
+    output: Literal["instances", "union"] = "instances"
+    """``union``: Matcher's output, one mask per label, the union of the best proposals
+    (``union_*``). ``instances``: the product's separate instances, each with a score."""
     emd_weight: float = 1.0
     purity_weight: float = 0.5
     coverage_weight: float = 0.5
-    """Weights of the three instance-level metrics in a proposal's raw score."""
-    min_purity: float = 0.02
-    min_coverage: float = 0.0
-    """Proposals below these are dropped before ranking."""
+    """``instances``: weights of the three metrics in an instance's score."""
     top_proposals: int = 8
-    """How many instance candidates (groups of overlapping proposals, best first) are kept after
-    merging; capping raw proposals instead would keep copies of one object only."""
+    """``instances``: how many instance candidates (groups of overlapping proposals, best first)
+    are kept after merging; capping raw proposals instead would keep copies of one object only."""
     merge_iou: float = 0.5
-    """Proposals overlapping at least this much (IoU) are the same instance."""
+    """``instances``: proposals overlapping at least this much (IoU) are the same instance."""
+    union_alpha: float = 1.0
+    union_beta: float = 0.0
+    union_exp: float = 0.0
+    """``union``: proposal score ``alpha * (1 - emd) + beta * purity * coverage ** exp``."""
+    union_top: int = 10
+    """``union``: at most this many proposals are merged (``num_merging_mask``)."""
+    union_score_ratio: float = 0.7
+    """``union``: of the top proposals, those scoring above this fraction of the best are merged
+    (``topk_scores_threshold``; 0 merges all of them)."""
+    union_distance_filter: bool = False
+    union_max_distance: float = 0.33
+    union_max_norm_distance: float = 0.1
+    """``union`` with the distance filter (``--use_score_filter``): merge the proposals whose
+    distance ``1 - score`` is below ``union_max_distance`` and whose distance above the best,
+    divided by the largest distance, is below ``union_max_norm_distance``; the best always."""
 
     # --- output instances -----------------------------------------------------------------
-    score_threshold: float = 0.5
-    """Instances scoring below this are not returned (tuned per label by learning)."""
-    rejection_threshold: float = 0.35
-    """Match quality (mean forward-match cosine mapped to [0, 1]) below which the object is taken
-    to be absent from the target and nothing is returned."""
+    instance_score_ratio: float = 0.5
+    """``instances``: instances scoring below this fraction of the label's best instance are
+    dropped (relative, so the rule holds whatever the score scale of the models)."""
+    score_threshold: float = 0.0
+    """Absolute instance score threshold; 0 by default, tuned per label by learning from kept
+    and deleted predictions (:func:`matcher_core.learning.calibrate_threshold`)."""
     max_instances: int = 10
     """Most instances returned per label and target."""
     min_instance_area: int = 16
@@ -118,8 +185,6 @@ class SegmenterConfig:
     max_image_pixels: int = 64_000_000
     """Images with more pixels are refused (decompression bombs)."""
 
-    extra: dict[str, Any] = field(default_factory=dict)
-
     def replace(self, **changes: Any) -> SegmenterConfig:
         """A copy with ``changes`` applied (unknown names raise ``TypeError``)."""
         return dataclasses.replace(self, **changes)
@@ -131,43 +196,89 @@ class SegmenterConfig:
         return self.replace(**PRESETS[name])
 
 
-# Matcher's paper tunes the prompt sampler and the filtering per benchmark; these presets keep the
-# spirit of that tuning (more, larger prompt sets for cluttered multi-instance scenes) at a cost
-# that fits the project's latency goals.
+MATCHER_FSS = dict(
+    prompt_sampler="subsets",
+    subset_points="centres",
+    num_clusters=8,
+    subset_sizes=(4, 6),
+    subsets_per_size=30,
+    use_box=False,
+    mask_output="single",
+    min_predicted_iou=0.0,
+    min_stability=0.0,
+    box_nms_iou=1.0,
+    dense_grid=0,
+    emd_max_points=0,
+    min_emd_score=0.0,
+    min_purity=0.0,
+    min_coverage=0.0,
+    output="union",
+    union_alpha=0.8,
+    union_beta=0.2,
+    union_exp=1.0,
+    union_top=10,
+    union_score_ratio=0.7,
+    union_distance_filter=False,
+    prune_matches_above=40,
+    keep_forward_if_none_survive=True,
+    absence_test=False,
+    shot_pooling="union",
+)
+"""Matcher's ``scripts/fss.sh`` (one-shot FSS-1000, 87.0 mIoU): 8 k-means++ centroids, every
+4-, 5- and 6-subset of them (154 sets), single-mask output, score
+``0.8 * (1 - emd) + 0.2 * purity * coverage``, union of the top 10 scoring above 0.7 of the best."""
+
+MATCHER_COCO = {
+    **MATCHER_FSS,
+    **dict(
+        subset_points="matches",
+        subset_sizes=(1, 6),
+        subsets_per_size=64,
+        mask_output="all",
+        min_predicted_iou=0.85,
+        min_stability=0.90,
+        box_nms_iou=0.65,
+        dense_grid=64,
+        min_purity=0.02,
+        union_alpha=1.0,
+        union_beta=0.0,
+        union_exp=0.0,
+        union_top=9,
+        union_score_ratio=0.0,
+        union_distance_filter=True,
+    ),
+}
+"""Matcher's ``scripts/coco.sh`` and ``lvis.sh`` (COCO-20i 52.7, LVIS-92i 33.0 mIoU): the matched
+points themselves, 64 random subsets of each size 1..6, all 3 masks kept above predicted IoU 0.85
+and stability 0.9, SAM's 64 x 64 "everything" proposals, box NMS 0.65, purity >= 0.02, score
+``1 - emd`` with the distance filter (0.33, 0.1), union of the top 9."""
+
+MATCHER_PART = {
+    **MATCHER_FSS,
+    **dict(
+        subset_points="matches",
+        subset_sizes=(3, 6),
+        subsets_per_size=128,
+        use_box=True,
+        min_coverage=0.3,
+        union_alpha=0.5,
+        union_beta=0.5,
+        union_exp=0.0,
+        union_top=5,
+        union_score_ratio=0.7,
+    ),
+}
+"""Matcher's ``scripts/paco_part.sh``: matched points plus their box, subsets of 3..6 (128 per
+size), coverage >= 0.3, score ``0.5 * (1 - emd) + 0.5 * purity``, union of the top 5 above 0.7."""
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # Single salient object per image (FSS-1000, PerSeg, DAVIS).
-    "fss": dict(
-        num_clusters=8,
-        part_prompts=8,
-        instance_prompts=24,
-        global_prompts=1,
-        max_points_per_prompt=4,
-        top_proposals=8,
-        max_instances=1,
-    ),
-    # Several instances, clutter (COCO-20i): more prompts, more instances kept.
-    "coco": dict(
-        num_clusters=12,
-        part_prompts=12,
-        instance_prompts=48,
-        global_prompts=1,
-        max_points_per_prompt=6,
-        use_box=True,
-        top_proposals=16,
-        max_instances=10,
-    ),
-    # Long tail, small objects (LVIS-92i).
-    "lvis": dict(
-        num_clusters=16,
-        part_prompts=16,
-        instance_prompts=48,
-        global_prompts=1,
-        max_points_per_prompt=4,
-        use_box=True,
-        top_proposals=16,
-        max_instances=20,
-        min_instance_area=4,
-    ),
+    # The product's defaults (see BENCHMARKS.md, "Faithfulness", for each departure and its cost).
+    "fast": {},
+    # Matcher's published configurations: the engine computes what its scripts compute.
+    "fss": MATCHER_FSS,
+    "coco": MATCHER_COCO,
+    "lvis": MATCHER_COCO,
+    "part": MATCHER_PART,
 }
 
 

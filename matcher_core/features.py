@@ -62,6 +62,19 @@ def pool_mask_to_grid(mask: np.ndarray | torch.Tensor, grid: tuple[int, int]) ->
     return F.adaptive_avg_pool2d(tensor, grid)[0, 0]
 
 
+def sam_patch_grid(
+    embedding: torch.Tensor, input_size: tuple[int, int], img_size: int
+) -> torch.Tensor:
+    """PerSAM mode's patch grid: the cells of SAM's ``(C, He, We)`` embedding that cover the image
+    (SAM input frame ``input_size`` inside the padded ``img_size`` square; at least one cell each
+    way), as ``(gh, gw, C)`` L2-normalised features. The grid then spans the image to within one
+    cell (16 SAM input pixels)."""
+    _, he, we = embedding.shape
+    gh = min(he, max(1, round(input_size[0] * he / img_size)))
+    gw = min(we, max(1, round(input_size[1] * we / img_size)))
+    return F.normalize(embedding[:, :gh, :gw].permute(1, 2, 0).float(), dim=-1)
+
+
 def _to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
     """``(H, W, 3)`` uint8 RGB to a ``(1, 3, H, W)`` float tensor in [0, 255]."""
     return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()

@@ -9,6 +9,9 @@ object (or for one of several objects). Three kinds of prompt sets are drawn:
   to complete into whole objects;
 * *global*: all cluster centres together.
 
+That is the product's sampler (``prompt_sampler="parts"``, about 33 sets). Matcher's own robust
+prompt sampler is :func:`sample_subsets` (``prompt_sampler="subsets"``, 154 to 768 sets).
+
 A cluster's *centre* is the matched point nearest its k-means centroid, not the centroid itself: a
 centroid can fall between two objects or in a hole of a ring-shaped one, while the nearest matched
 point is by construction on a bidirectionally matched patch.
@@ -19,6 +22,7 @@ All coordinates are XY pixels of the target's original image.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 
@@ -190,3 +194,74 @@ def sample_prompts(
         kinds=[kind for kind, _, _ in prompt_sets],
         centres=matched_xy[centre_index].astype(np.float32),
     )
+
+
+SUBSET_ENUMERATION_LIMIT = 8
+"""Matcher's ``RobustPromptSampler``: with at most this many points every subset of a size is
+taken, with more a number of random ones."""
+
+
+def sample_subsets(
+    points: np.ndarray,
+    sizes: tuple[int, int],
+    per_size: int,
+    rng: np.random.Generator,
+    box: np.ndarray | None = None,
+) -> PromptBatch:
+    """Matcher's robust prompt sampler: subsets of ``points`` of every size in ``sizes``.
+
+    For each size ``i`` from ``min(sizes[0], n)`` to ``min(sizes[1], n)``: every ``i``-subset
+    when ``n <= 8`` (in lexicographic order), else ``per_size`` random ``i``-subsets (each without
+    repetition; two draws may give the same subset, as published, so each keeps its weight in the
+    later top-k). Eight k-means centres and sizes 4..6 give 70 + 56 + 28 = 154 sets.
+
+    Args:
+        points: ``(n, 2)`` XY original pixels, ``n >= 1``.
+        sizes: smallest and largest subset size.
+        per_size: random subsets per size when ``n > 8``.
+        rng: the only source of randomness.
+        box: ``(4,)`` XYXY box added to every set, or ``None``.
+    """
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+    n = len(points)
+    if n == 0:
+        raise ValueError("no points to sample prompt subsets from")
+    subsets: list[tuple[int, ...]] = []
+    for size in range(min(sizes[0], n), min(sizes[1], n) + 1):
+        if n <= SUBSET_ENUMERATION_LIMIT:
+            subsets += list(combinations(range(n), size))
+        else:
+            subsets += [
+                tuple(int(i) for i in rng.choice(n, size=size, replace=False))
+                for _ in range(per_size)
+            ]
+    width = max(len(subset) for subset in subsets)
+    coords = np.zeros((len(subsets), width, 2), dtype=np.float32)
+    labels = np.full((len(subsets), width), PAD_LABEL, dtype=np.int64)
+    for b, subset in enumerate(subsets):
+        coords[b, : len(subset)] = points[list(subset)]
+        labels[b, : len(subset)] = POSITIVE_LABEL
+    boxes = None if box is None else np.repeat(np.asarray(box, np.float32)[None], len(subsets), 0)
+    return PromptBatch(
+        points=coords,
+        labels=labels,
+        boxes=boxes,
+        kinds=[f"subset{len(subset)}" for subset in subsets],
+        centres=points,
+    )
+
+
+def kmeans_centroids(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``(k', 2)`` k-means++ centroids of ``(n, 2)`` points, ``k' = min(k, distinct points)``
+    (Matcher's ``clustering``: the centroids themselves are the prompt points)."""
+    centroids, _ = kmeans(points, min(k, len(points)), rng)
+    return centroids.astype(np.float32)
+
+
+def points_box(points: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """``(4,)`` XYXY box around ``(n, 2)`` XY points, clipped to the image (Matcher's box prompt:
+    one box around all matched points, for every prompt set)."""
+    height, width = image_size
+    x0, y0 = np.maximum(points.min(0), 0)
+    x1, y1 = points.max(0)
+    return np.array([x0, y0, min(x1, width - 1), min(y1, height - 1)], dtype=np.float32)

@@ -11,9 +11,11 @@ Three metrics per proposal (Matcher, ICLR 2024):
 * **purity**: how much of the proposal is made of matched points;
 * **coverage**: how many of the matched points the proposal contains.
 
-Unlike the published method, which returns the union of the best proposals, proposals are merged
-into **separate instances** (overlapping proposals are one instance, disjoint ones are several),
-each with its own score in [0, 1].
+Two outputs. ``union`` (Matcher's): :func:`matcher_metrics` and :func:`union_members` reproduce
+its score, filters and merging, and the label's mask is the union of the chosen proposals.
+``instances`` (the product's): proposals are merged into **separate instances** (overlapping
+proposals are one instance, disjoint ones are several), each with its own score in [0, 1]
+(:func:`score_proposals`, :func:`select_instances`).
 """
 
 from __future__ import annotations
@@ -208,12 +210,23 @@ def score_proposals(
     return ProposalScores(emd, emd_similarity, purity, coverage, factor, raw, valid)
 
 
+def relative_filter(values: np.ndarray, threshold: float) -> np.ndarray:
+    """``(P,)`` bool: values at least ``min(threshold, max(values))`` (Matcher's metric filters,
+    which never drop the best proposal); all True when ``threshold <= 0`` or nothing is given."""
+    values = np.asarray(values, dtype=np.float64)
+    if threshold <= 0 or len(values) == 0:
+        return np.ones(len(values), dtype=bool)
+    return values >= min(threshold, float(values.max()))
+
+
 def rank_proposals(scores: ProposalScores, config: SegmenterConfig) -> np.ndarray:
-    """Indices of the proposals that pass ``min_purity`` and ``min_coverage``, best raw score
-    first (ties: lower index first)."""
-    passing = scores.valid & (scores.purity >= config.min_purity)
-    passing &= scores.coverage >= config.min_coverage
-    candidates = np.flatnonzero(passing)
+    """Indices of the valid proposals that hold at least one matched point and pass
+    ``min_purity`` and ``min_coverage`` (:func:`relative_filter`), best raw score first (ties:
+    lower index first)."""
+    valid = np.flatnonzero(scores.valid & (scores.purity > 0))
+    passing = relative_filter(scores.purity[valid], config.min_purity)
+    passing &= relative_filter(scores.coverage[valid], config.min_coverage)
+    candidates = valid[passing]
     return candidates[np.argsort(-scores.raw[candidates], kind="stable")]
 
 
@@ -368,3 +381,82 @@ def first_unique(masks: np.ndarray) -> np.ndarray:
             seen.add(key)
             keep.append(index)
     return np.asarray(keep, dtype=np.int64)
+
+
+@dataclass
+class MatcherMetrics:
+    """Matcher's instance-level metrics of ``P`` proposals (``get_mask_scores``), all ``(P,)``."""
+
+    emd_score: np.ndarray
+    """``1 - emd``: EMD between the reference object's cells and the proposal's cells."""
+    purity: np.ndarray
+    """Matched points inside the proposal per proposal cell, plus 1e-6."""
+    coverage: np.ndarray
+    """Fraction of the matched points inside the proposal, plus 1e-6."""
+
+
+def matcher_metrics(
+    cells: np.ndarray,
+    points_inside: np.ndarray,
+    target_features: np.ndarray,
+    reference_features: np.ndarray,
+    emd_max_points: int = 0,
+) -> MatcherMetrics:
+    """Matcher's metrics.
+
+    Args:
+        cells: ``(P, Nc)`` bool, the patch cells each proposal touches at all (its mask pooled to
+            the patch grid, ``> 0``).
+        points_inside: ``(P, M)`` bool, which matched points (their pixel) fall in each mask.
+        target_features: ``(Nc, D)`` target patch features.
+        reference_features: ``(Nr, D)`` the reference object's features.
+        emd_max_points: see :func:`emd_distance` (0, all points, as published).
+    """
+    cells = np.asarray(cells, dtype=bool)
+    emd = np.array(
+        [emd_distance(reference_features, target_features[row], emd_max_points) for row in cells]
+    ).reshape(len(cells))
+    hits = np.asarray(points_inside, dtype=bool).sum(1).astype(np.float64)
+    purity = hits / np.maximum(cells.sum(1), 1.0) + 1e-6
+    total = max(np.asarray(points_inside).shape[1], 1)
+    return MatcherMetrics(1.0 - emd, purity, hits / total + 1e-6)
+
+
+def union_members(metrics: MatcherMetrics, config: SegmenterConfig) -> tuple[np.ndarray, float]:
+    """Which proposals Matcher merges into the label's mask, and the best one's score.
+
+    Score ``alpha * emd_score + beta * purity * coverage ** exp``; then the coverage, EMD and
+    purity filters (:func:`relative_filter`, in that order); then either the distance filter
+    (``union_distance_filter``: distance ``1 - score`` below ``union_max_distance``, and
+    ``(d - d_min) / (d_max + 1e-6)`` below ``union_max_norm_distance``, the best always kept)
+    or the top ``union_top`` by score keeping those above ``union_score_ratio`` of the best.
+
+    Returns:
+        ``(K,)`` proposal indices (best first; none when there are no proposals) and the best
+        kept proposal's score.
+    """
+    score = config.union_alpha * metrics.emd_score + config.union_beta * (
+        metrics.purity * metrics.coverage**config.union_exp
+    )
+    keep = np.arange(len(score))
+    for values, threshold in (
+        (metrics.coverage, config.min_coverage),
+        (metrics.emd_score, config.min_emd_score),
+        (metrics.purity, config.min_purity),
+    ):
+        keep = keep[relative_filter(values[keep], threshold)]
+    if len(keep) == 0:
+        return keep, 0.0
+    order = keep[np.argsort(-score[keep], kind="stable")]
+    if config.union_distance_filter:
+        distance = 1.0 - score[order]
+        normalised = (distance - distance.min()) / (distance.max() + 1e-6)
+        passing = distance < config.union_max_distance
+        passing[0] = True
+        chosen = order[passing & (normalised < config.union_max_norm_distance)]
+        chosen = chosen[: config.union_top]
+    else:
+        chosen = order[: config.union_top]
+        if config.union_score_ratio > 0:
+            chosen = chosen[score[chosen] / score[chosen[0]] > config.union_score_ratio]
+    return chosen, float(score[order[0]])

@@ -18,7 +18,13 @@ import torch
 
 from .cache import EmbeddingCache, image_key
 from .config import SegmenterConfig
-from .features import ImageFeatures, PatchEncoder, SamImageEncoder, pool_mask_to_grid
+from .features import (
+    ImageFeatures,
+    PatchEncoder,
+    SamImageEncoder,
+    pool_mask_to_grid,
+    sam_patch_grid,
+)
 from .models import load_encoder, load_sam, select_device
 from .reference import Example, Instance, LabelReference, Reference, Shot
 from .sam_decoder import SamDecoder
@@ -45,15 +51,24 @@ class OneShotSegmenter:
             )
         self.sam = load_sam(config, self.device)
         self.sam_encoder = SamImageEncoder(self.sam)
-        self.patch_encoder = PatchEncoder(
-            load_encoder(config, self.device), config.encoder_input_size
+        # PerSAM needs SAM's features only: its patch grid is SAM's own embedding, and no
+        # matching encoder is loaded or run.
+        self.patch_encoder = (
+            None
+            if config.mode == "persam"
+            else PatchEncoder(load_encoder(config, self.device), config.encoder_input_size)
         )
         self.decoder = SamDecoder(self.sam)
         self.cache = EmbeddingCache(config.cache_bytes)
+        encoder_id = (
+            "sam"
+            if self.patch_encoder is None
+            else f"{config.encoder}@{config.encoder_input_size}:"
+            f"{config.encoder_checkpoint or 'pretrained'}"
+        )
         self.model_id = (
             f"sam={config.sam_type}:{config.sam_checkpoint or 'official'};"
-            f"encoder={config.encoder}@{config.encoder_input_size}:"
-            f"{config.encoder_checkpoint or 'pretrained'};random={config.random_weights}"
+            f"encoder={encoder_id};random={config.random_weights}"
         )
         self.encoder_calls = 0
         self.timings: dict[str, float] = defaultdict(float)
@@ -81,8 +96,11 @@ class OneShotSegmenter:
         self.encoder_calls += 1
         with self.timed("encoder_sam"):
             embedding, input_size = self.sam_encoder(image)
-        with self.timed("encoder_patch"):
-            patches = self.patch_encoder(image)
+        if self.patch_encoder is None:
+            patches = sam_patch_grid(embedding, input_size, self.decoder.img_size)
+        else:
+            with self.timed("encoder_patch"):
+                patches = self.patch_encoder(image)
         features = ImageFeatures(
             original_size=image.shape[:2],
             input_size=input_size,
@@ -198,7 +216,9 @@ class OneShotSegmenter:
             box: ``(4,)`` XYXY original pixels.
 
         Returns:
-            ``(H, W)`` bool mask (SAM's best of 3 by predicted IoU) and that predicted IoU.
+            ``(H, W)`` bool mask and SAM's predicted IoU of it: for a lone point the best of SAM's
+            3 masks by predicted IoU, for several points or a box its single-mask output (the
+            output SAM trains for such prompts).
         """
         if points is None and box is None:
             raise ValueError("give at least one point or a box")
@@ -211,8 +231,11 @@ class OneShotSegmenter:
         if box is not None:
             corners = self.decoder.to_input_coords(np.asarray(box, np.float32).reshape(2, 2), size)
             boxes = torch.from_numpy(corners.reshape(1, 4))
+        lone_point = boxes is None and labels is not None and labels.shape[1] == 1
         with self.timed("decoding"):
-            out = self.decoder.decode(features.sam_embedding, coords, labels, boxes, multimask=True)
+            out = self.decoder.decode(
+                features.sam_embedding, coords, labels, boxes, multimask=lone_point
+            )
         best = int(out.iou_predictions[0].argmax())
         logits = self.decoder.upscale(
             out.low_res_logits[:, best : best + 1], features.input_size, size

@@ -108,10 +108,7 @@ def segmenter(model_dir):
     settings = Settings.from_env(
         {"ONESHOT_RANDOM_WEIGHTS": "1", "MODEL_DIR": str(model_dir), "DEVICE": "cpu"}
     )
-    # No filtering: random weights score low, and the tests want instances to come out.
-    config = settings.segmenter_config().replace(
-        score_threshold=0.0, rejection_threshold=0.0, min_purity=0.0, min_instance_area=1
-    )
+    config = settings.segmenter_config()
     return OneShotSegmenter(config)
 
 

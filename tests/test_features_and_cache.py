@@ -141,3 +141,21 @@ def test_vit_patch_features_are_the_pre_norm_tokens_as_in_matcher(tiny_segmenter
     expected = torch.nn.functional.normalize(tokens, dim=-1).reshape(features.shape)
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(prenorm, normed, atol=1e-3)
+
+
+def test_persam_mode_loads_and_runs_no_matching_encoder(tiny_model_dir, monkeypatch):
+    from matcher_core import OneShotSegmenter, tiny_config
+    from matcher_core import segmenter as segmenter_module
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("PerSAM mode must not load the matching encoder")
+
+    monkeypatch.setattr(segmenter_module, "load_encoder", no_encoder)
+    persam = OneShotSegmenter(tiny_config(model_dir=tiny_model_dir, mode="persam"))
+    image, mask = disc_image(64, 96, (30, 40), 12)
+    features = persam.features(image)
+    assert persam.patch_encoder is None and "encoder_patch" not in persam.timings
+    # Its patch grid is SAM's embedding over the image: 256 / 96 * 64 -> 11 of 16 rows.
+    assert tuple(features.patch_features.shape) == (11, 16, features.sam_embedding.shape[0])
+    reference = persam.build_reference([Example(image, {"disc": [mask]})])
+    assert reference.labels["disc"].shots[0].patch_mask.shape == (11, 16)

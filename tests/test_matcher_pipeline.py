@@ -19,15 +19,12 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from matcher_core import Example, LabelReference, OneShotSegmenter, Shot, tiny_config
+from matcher_core import proposals as proposals_module
 from matcher_core.features import ImageFeatures, SamImageEncoder, pool_mask_to_grid
-from matcher_core.matcher import (
-    blend_logits,
-    choose_masks,
-    decode_prompts,
-    low_res_crop,
-    segment_label,
-)
-from matcher_core.prompts import sample_prompts
+from matcher_core.matcher import segment_label
+from matcher_core.matching import absence_baseline
+from matcher_core.prompts import PromptBatch, sample_prompts
+from matcher_core.proposals import decode_prompt_sets, low_res_crop
 from matcher_core.sam_decoder import DecoderOutput, SamDecoder
 
 STAGES = {"matching", "prompts", "decoding", "scoring"}
@@ -68,25 +65,6 @@ def iou(first: np.ndarray, second: np.ndarray) -> float:
 # --- small pieces --------------------------------------------------------------------------------
 
 
-def test_blend_logits_is_the_weighted_sum_of_the_three_masks():
-    logits = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
-    blended = blend_logits(logits, np.array([0.2, 0.3, 0.5], np.float32))
-    assert blended.shape == (2, 1, 2, 2)
-    expected = 0.2 * logits[:, 0] + 0.3 * logits[:, 1] + 0.5 * logits[:, 2]
-    torch.testing.assert_close(blended[:, 0], expected)
-    torch.testing.assert_close(blend_logits(logits, np.array([0, 1, 0]))[:, 0], logits[:, 1])
-
-
-def test_without_weights_the_mask_with_the_best_predicted_iou_is_chosen():
-    logits = torch.stack([torch.full((3, 2, 2), float(i)) for i in range(2)])
-    logits[1, 2] = 7.0
-    ious = torch.tensor([[0.1, 0.9, 0.3], [0.2, 0.1, 0.8]])
-    chosen, chosen_iou = choose_masks(DecoderOutput(logits, ious), None)
-    assert chosen.shape == (2, 2, 2)
-    assert chosen[0, 0, 0] == 0.0 and chosen[1, 0, 0] == 7.0
-    torch.testing.assert_close(chosen_iou, torch.tensor([0.9, 0.8]))
-
-
 def test_low_res_crop_keeps_the_image_part_of_the_padded_square():
     assert low_res_crop(256, (576, 1024), 1024) == (144, 256)
     assert low_res_crop(64, (256, 144), 256) == (64, 36)
@@ -95,21 +73,68 @@ def test_low_res_crop_keeps_the_image_part_of_the_padded_square():
 # --- tiny random models: frames, batching, determinism -------------------------------------------
 
 
-def test_batched_decoding_equals_one_prompt_set_at_a_time(segmenter):
+def test_batched_decoding_equals_one_prompt_set_at_a_time(segmenter, monkeypatch):
     image = synthetic_image(90, 160)
     features = segmenter.features(image)
     matched = features.patch_centres()[[9, 10, 18, 27, 36, 44, 45, 50]]
     config = segmenter.config.replace(num_clusters=4, instance_prompts=6, use_box=True)
     batch = sample_prompts(matched, config, np.random.default_rng(0), 5.0, features.original_size)
     assert len(batch) > 4
-    batched = decode_prompts(segmenter.decoder, features.sam_embedding, batch, (90, 160))
-    single = decode_prompts(
-        segmenter.decoder, features.sam_embedding, batch, (90, 160), chunk_size=1
+    crop = low_res_crop(64, features.input_size, 256)
+
+    def decode():
+        return decode_prompt_sets(
+            segmenter.decoder, features.sam_embedding, batch, (90, 160), "all", crop
+        )
+
+    batched = decode()
+    monkeypatch.setattr(proposals_module, "DECODER_CHUNK", 1)
+    single = decode()
+    torch.testing.assert_close(batched.logits, single.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched.iou, single.iou, atol=1e-5, rtol=1e-5)
+
+
+def one_set(points: list[tuple[float, float]], box=None) -> PromptBatch:
+    return PromptBatch(
+        points=np.array([points], np.float32),
+        labels=np.ones((1, len(points)), np.int64),
+        boxes=None if box is None else np.array([box], np.float32),
+        kinds=["test"],
+        centres=np.array(points, np.float32),
     )
-    torch.testing.assert_close(batched.low_res_logits, single.low_res_logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(
-        batched.iou_predictions, single.iou_predictions, atol=1e-5, rtol=1e-5
-    )
+
+
+def test_sam_outputs_are_the_ones_trained_for_the_prompt(segmenter):
+    # SAM trains its 3 multimask outputs for a lone point, its single-mask output for several
+    # points or a box (SamPredictor.predict's docstring).
+    features = segmenter.features(synthetic_image(90, 160))
+    embedding, crop = features.sam_embedding, low_res_crop(64, features.input_size, 256)
+    decoder = segmenter.decoder
+
+    def outputs(batch, mask_output):
+        return decode_prompt_sets(decoder, embedding, batch, (90, 160), mask_output, crop)
+
+    def sam(batch, multimask):
+        coords = torch.from_numpy(decoder.to_input_coords(batch.points, (90, 160)))
+        boxes = None
+        if batch.boxes is not None:
+            corners = decoder.to_input_coords(batch.boxes.reshape(-1, 2, 2), (90, 160))
+            boxes = torch.from_numpy(corners.reshape(-1, 4))
+        return decoder.decode(
+            embedding, coords, torch.from_numpy(batch.labels), boxes, multimask=multimask
+        )
+
+    lone, pair = one_set([(40.0, 30.0)]), one_set([(40.0, 30.0), (100.0, 60.0)])
+    boxed = one_set([(40.0, 30.0)], box=(10.0, 10.0, 80.0, 70.0))
+    for batch in (pair, boxed):
+        torch.testing.assert_close(
+            outputs(batch, "auto").logits, sam(batch, False).low_res_logits[:, 0]
+        )
+        assert len(outputs(batch, "single")) == 1 and len(outputs(batch, "all")) == 3
+    three = sam(lone, True)
+    best = int(three.iou_predictions[0].argmax())
+    torch.testing.assert_close(outputs(lone, "auto").logits[0], three.low_res_logits[0, best])
+    torch.testing.assert_close(outputs(lone, "all").iou, three.iou_predictions[0])
 
 
 @pytest.mark.parametrize(
@@ -145,15 +170,19 @@ def test_same_inputs_and_seed_give_the_same_instances(permissive):
         assert a.score == b.score
 
 
-def test_persam_f_weights_blend_the_three_masks(permissive):
+def test_persam_f_weights_do_not_reach_matcher_prompt_sets(permissive):
+    # They are learned on PerSAM's first pass and mean nothing for Matcher's prompt sets.
     image = synthetic_image(90, 160)
     reference = permissive.build_reference(
         [Example(image, {"thing": [box_mask((90, 160), 0.2, 0.7, 0.1, 0.5)]})]
     )
     label_ref = reference.labels["thing"]
+    without = segment_label(permissive, permissive.features(image), label_ref)
     label_ref.mask_weights = np.array([0.2, 0.3, 0.5], np.float32)
-    instances = segment_label(permissive, permissive.features(image), label_ref)
-    assert instances and all(i.mask.shape == (90, 160) for i in instances)
+    with_weights = segment_label(permissive, permissive.features(image), label_ref)
+    assert without and len(without) == len(with_weights)
+    for a, b in zip(without, with_weights, strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
 
 
 # --- hand-made features with a SAM stand-in: the algorithm ----------------------------------------
@@ -272,14 +301,74 @@ def test_an_absent_object_yields_no_instance(segmenter):
     assert segment_label(Host(segmenter, decoder, min_purity=0.0), target, label_ref) == []
 
 
-def test_a_weak_match_is_rejected_by_the_match_quality_threshold(segmenter):
-    # The target object only half resembles the reference (cosine about 0.45): the matches
-    # survive the reverse check, and the quality threshold decides.
+def test_the_absence_baseline_is_the_reference_object_matched_to_its_own_far_background():
+    # Object cells E0; the ring of cells next to it would match perfectly but is not background
+    # (its receptive field sees the object); the far background has cosine 0.6 to the object.
+    features = np.zeros((8, 8, DIMS), np.float32)
+    far = np.zeros(DIMS, np.float32)
+    far[[0, 1]] = [0.6, 0.8]
+    features[:] = far
+    mask = np.zeros((8, 8), np.float32)
+    mask[3:5, 3:5] = 1.0  # the object
+    for row, col in np.ndindex(8, 8):  # it and its ring: up to 2 steps (4-connected) away
+        steps = max(0, 3 - row, row - 4) + max(0, 3 - col, col - 4)
+        if steps <= 2:
+            features[row, col] = np.eye(DIMS)[0]
+    shot = Shot(features.astype(np.float16), mask, np.zeros(4, np.float32))
+    assert absence_baseline([shot]) == pytest.approx(0.6, abs=1e-3)
+
+
+def test_a_target_matching_no_better_than_the_reference_background_is_absent(segmenter):
+    # The target object resembles the reference object (cosine 0.3) less than the reference's
+    # own background does (noise makes that about 0.5 here): absent, unless the test is off.
     weak = np.zeros(DIMS, np.float32)
-    weak[[0, 2]] = [0.45, 0.89]
+    weak[[0, 2]] = [0.3, 0.95]
     size = (120, 200)
     label_ref, target, decoder = hand_made_case(
         segmenter, size, [box_mask(size, 0.2, 0.7, 0.2, 0.6)], object_feature=weak
     )
-    assert segment_label(Host(segmenter, decoder, rejection_threshold=0.6), target, label_ref)
-    assert segment_label(Host(segmenter, decoder, rejection_threshold=0.8), target, label_ref) == []
+    shot = label_ref.shots[0]
+    far = np.zeros(DIMS, np.float32)
+    far[[0, 1]] = [0.5, 0.87]
+    outside = ~ndimage.binary_dilation(shot.patch_mask > 0, iterations=2)
+    shot.patch_features[outside] = far.astype(np.float16)
+    assert segment_label(Host(segmenter, decoder, min_purity=0.0), target, label_ref) == []
+    assert segment_label(
+        Host(segmenter, decoder, min_purity=0.0, absence_test=False), target, label_ref
+    )
+
+
+@pytest.mark.parametrize("preset", ["fss", "coco", "part"])
+def test_published_presets_return_matchers_one_union_mask(segmenter, monkeypatch, preset):
+    config = segmenter.config.with_preset(preset)
+    if preset == "coco":  # random SAM heads predict low IoUs; a small grid keeps the test fast
+        config = config.replace(
+            min_predicted_iou=0.0,
+            dense_grid=8,
+            dense_min_predicted_iou=0.0,
+            dense_min_stability=0.0,
+        )
+    monkeypatch.setattr(segmenter, "config", config)
+    image = synthetic_image(90, 160)
+    reference = segmenter.build_reference(
+        [Example(image, {"thing": [box_mask((90, 160), 0.2, 0.7, 0.1, 0.5)]})]
+    )
+    target = segmenter.features(np.ascontiguousarray(image[:, ::-1]))
+    instances = segment_label(segmenter, target, reference.labels["thing"])
+    assert len(instances) == 1  # no absence test: the published method always answers
+    assert instances[0].mask.shape == (90, 160) and instances[0].mask.any()
+
+
+def test_smart_tools_take_the_single_mask_output_for_several_clicks_or_a_box(segmenter):
+    image = synthetic_image(90, 160)
+    features = segmenter.features(image)
+    decoder = segmenter.decoder
+    clicks = np.array([[40.0, 30.0], [100.0, 60.0]], np.float32)
+    mask, predicted = segmenter.segment_from_prompts(image, clicks, np.array([1, 0]))
+    coords = torch.from_numpy(decoder.to_input_coords(clicks, (90, 160)))[None]
+    single = decoder.decode(
+        features.sam_embedding, coords, torch.tensor([[1, 0]]), None, multimask=False
+    )
+    expected = decoder.upscale(single.low_res_logits, features.input_size, (90, 160))[0, 0] > 0
+    np.testing.assert_array_equal(mask, expected.numpy())
+    assert predicted == pytest.approx(float(single.iou_predictions[0, 0].clamp(0, 1)))

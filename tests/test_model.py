@@ -71,7 +71,7 @@ def test_explicit_settings_reach_the_engine_configuration():
         1_000_000,
         "/data/models",
     )
-    assert config.num_clusters == 12  # from the coco preset
+    assert (config.prompt_sampler, config.dense_grid) == ("subsets", 64)  # the coco preset
 
 
 @pytest.mark.parametrize(

@@ -142,3 +142,37 @@ def test_a_single_matched_point_gives_a_single_prompt():
     assert batch.kinds == ["part"]
     np.testing.assert_array_equal(batch.points, [[[5.0, 7.0]]])
     np.testing.assert_array_equal(batch.labels, [[1]])
+
+
+def test_matcher_fss_sampler_takes_every_4_5_and_6_subset_of_8_centres():
+    from matcher_core.config import PRESETS, SegmenterConfig
+    from matcher_core.prompts import kmeans_centroids, sample_subsets
+
+    config = SegmenterConfig().with_preset("fss")
+    assert PRESETS["fss"]["subset_sizes"] == (4, 6)
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, 500, size=(60, 2)).astype(np.float32)
+    centres = kmeans_centroids(points, config.num_clusters, rng)
+    batch = sample_subsets(centres, config.subset_sizes, config.subsets_per_size, rng)
+    assert len(centres) == 8 and len(batch) == 70 + 56 + 28 == 154
+    sets = {
+        tuple(sorted(map(tuple, pts[lab == 1].tolist())))
+        for pts, lab in zip(batch.points, batch.labels, strict=True)
+    }
+    assert len(sets) == 154  # all distinct: every subset exactly once
+    assert batch.boxes is None
+
+
+def test_matcher_coco_sampler_draws_random_subsets_of_each_size_above_eight_points():
+    from matcher_core.prompts import points_box, sample_subsets
+
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, 100, size=(20, 2)).astype(np.float32)
+    box = points_box(points, (100, 100))
+    batch = sample_subsets(points, (1, 6), 64, rng, box)
+    assert len(batch) == 6 * 64
+    sizes = (batch.labels == 1).sum(1)
+    assert np.bincount(sizes).tolist() == [0] + [64] * 6
+    assert (batch.boxes == box).all()
+    few = sample_subsets(points[:3], (1, 6), 64, rng)  # 3 points: every subset of size 1..3
+    assert len(few) == 3 + 3 + 1

@@ -121,7 +121,8 @@ def test_proposal_covering_the_matched_points_outranks_one_that_does_not():
     scores = score_proposals(
         np.stack([elsewhere, on_object]), features, reference, matched, SegmenterConfig()
     )
-    assert rank_proposals(scores, SegmenterConfig(min_purity=0.0)).tolist() == [1, 0]
+    # The background proposal holds no matched point at all: no candidate, whatever min_purity.
+    assert rank_proposals(scores, SegmenterConfig(min_purity=0.0)).tolist() == [1]
     assert scores.raw[1] > scores.raw[0] + 0.5
     assert scores.purity.tolist() == [0.0, 1.0] and scores.coverage.tolist() == [0.0, 1.0]
     assert scores.emd[1] < 0.05 < 0.4 < scores.emd[0]
@@ -281,3 +282,47 @@ def test_split_components_separates_objects_and_drops_speckles():
     # Diagonal neighbours are one piece (8-connectivity).
     diagonal = np.eye(6, dtype=bool)[None]
     assert len(split_components(diagonal)[0]) == 1
+
+
+def _metrics(emd_score, purity, coverage):
+    from matcher_core.scoring import MatcherMetrics
+
+    return MatcherMetrics(np.array(emd_score), np.array(purity), np.array(coverage))
+
+
+def test_metric_filters_never_drop_the_best_proposal():
+    from matcher_core.scoring import relative_filter
+
+    assert relative_filter(np.array([0.01, 0.015]), 0.02).tolist() == [False, True]
+    assert relative_filter(np.array([0.01, 0.5]), 0.02).tolist() == [False, True]
+    assert relative_filter(np.array([0.01, 0.5]), 0.0).tolist() == [True, True]
+
+
+def test_fss_union_merges_the_top_ten_scoring_above_seventy_percent_of_the_best():
+    from matcher_core.config import SegmenterConfig
+    from matcher_core.scoring import union_members
+
+    config = SegmenterConfig().with_preset("fss")
+    # score = 0.8 * emd_score + 0.2 * purity * coverage
+    metrics = _metrics([0.9, 0.5, 0.7, 0.2], [1.0, 0.0, 0.5, 1.0], [1.0, 0.0, 0.5, 1.0])
+    chosen, best = union_members(metrics, config)
+    scores = [0.8 * 0.9 + 0.2, 0.8 * 0.5, 0.8 * 0.7 + 0.2 * 0.25, 0.8 * 0.2 + 0.2]
+    assert best == pytest.approx(scores[0])
+    assert chosen.tolist() == [i for i in np.argsort(scores)[::-1] if scores[i] / scores[0] > 0.7]
+    assert union_members(_metrics([0.9] * 12, [1.0] * 12, [1.0] * 12), config)[0].size == 10
+
+
+def test_coco_union_keeps_close_emd_proposals_relative_to_the_best():
+    from matcher_core.config import SegmenterConfig
+    from matcher_core.scoring import union_members
+
+    config = SegmenterConfig().with_preset("coco")
+    # distance = emd = 1 - emd_score; kept: emd < 0.33 and (emd - min) / (max + 1e-6) < 0.1
+    metrics = _metrics([0.9, 0.85, 0.75, 0.3], [0.5] * 4, [0.5] * 4)
+    chosen, best = union_members(metrics, config)
+    assert best == pytest.approx(0.9)
+    assert chosen.tolist() == [0, 1]  # 0.15-0.1 = 0.05 / 0.7 < 0.1; 0.25: 0.15 / 0.7 > 0.1
+    lone = _metrics([0.3, 0.2], [0.5] * 2, [0.5] * 2)  # the best is kept even at emd 0.7
+    assert union_members(lone, config)[0].tolist() == [0]
+    # purity >= 0.02 (relative): a proposal without matched points goes first
+    assert union_members(_metrics([0.9, 0.8], [0.0, 0.5], [0.0, 0.5]), config)[0].tolist() == [1]
