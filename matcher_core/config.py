@@ -103,6 +103,10 @@ class SegmenterConfig:
     # --- persam ---------------------------------------------------------------------------
     # Published rules and the options that depart from them: matcher_core/persam.py's
     # docstring and docs/faithfulness-persam.md.
+    persam_prior_frame: Literal["image", "grid"] = "image"
+    """Where PerSAM's prompts are picked: ``image`` (published: the prior upsampled to the
+    original image, extreme pixels, ``attn_sim`` resized from the image) or ``grid`` (a
+    departure: on the embedding grid, cell centres, SAM's padding cells excluded)."""
     persam_semantic_prompt: Literal["published", "queries_only"] = "published"
     """Target-semantic prompting arithmetic (:mod:`matcher_core.sam_decoder`): ``published`` (the
     released code's in-place add, which also reaches the tokens' positional term) or
@@ -200,6 +204,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_instances=1,
         min_instance_area=0,
         score_threshold=0.0,
+        persam_prior_frame="image",
         persam_semantic_prompt="published",
         persam_refine_multimask=True,
         persam_use_mask_weights=False,
@@ -212,6 +217,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_instances=1,
         min_instance_area=0,
         score_threshold=0.0,
+        persam_prior_frame="image",
         persam_refine_multimask=True,
         persam_f_first_pass="published",
         persam_use_mask_weights=True,

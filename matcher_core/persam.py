@@ -9,10 +9,14 @@ that pin each rule: ``docs/faithfulness-persam.md``).
    the location prior and target-semantic prompting. PerSAM-F's prior instead uses
    ``(mean + max) / 2`` of those features (``persam_f.py``). Option: ``persam_f_first_pass``.
 2. **Location prior**: cosine similarity of that embedding to every cell of the target's SAM
-   embedding. PerSAM prompts a positive point at its maximum and a negative one at its minimum;
-   PerSAM-F the positive point only.
-3. **Target-guided attention** (PerSAM only): ``sigmoid`` of the standardised prior added to the
-   softmax-normalised token-to-image attention of every two-way block, normalised again.
+   embedding, upsampled to the original image (x4, then SAM's ``postprocess_masks``). PerSAM
+   prompts a positive point at its highest pixel and a negative one at its lowest; PerSAM-F the
+   positive point only. Option: ``persam_prior_frame="grid"`` picks cell centres on the
+   embedding grid instead, SAM's padding cells excluded.
+3. **Target-guided attention** (PerSAM only): ``sigmoid`` of the image-resolution prior,
+   standardised over its pixels and resized to the embedding grid (the whole image onto the whole
+   grid, padding included, as released), added to the softmax-normalised token-to-image
+   attention of every two-way block, normalised again.
    **Target-semantic prompting** (PerSAM only): the target embedding added to the tokens with the
    released in-place arithmetic (:mod:`matcher_core.sam_decoder`). Option:
    ``persam_semantic_prompt="queries_only"``.
@@ -31,11 +35,10 @@ that pin each rule: ``docs/faithfulness-persam.md``).
 7. **One mask per target, always**. Options (both on by default, the product's behaviour):
    ``persam_multi_instance`` and ``persam_absence_test``, below.
 
-Known remaining differences (not options): the prior is computed and searched on the
-embedding grid (points at cell centres, padding cells excluded), where the released code
-upsamples it to the original image and picks pixels; the reference mask is reduced to the cells
-it covers at least half, where the released code thresholds a bilinear sample of the
-normalised mask at 0 (a ~0.49 coverage).
+Known remaining differences (not options): the reference mask selects the embedding cells it
+covers at least half, where the released code thresholds at 0 a bilinear sample of the
+pixel-normalised mask (about 0.49 coverage at the sample point); an empty blended PerSAM-F mask
+gives no box (the released code fails there) and pass 2 runs without one.
 
 **Absence test and further instances** (departures; scale-free, no absolute cosine):
 the baseline ``b`` is the reference's own: the highest cosine between a background cell of the
@@ -168,6 +171,91 @@ def first_pass_prompt(
         peak=float(prior[positive]),
         peak_cell=positive,
     )
+
+
+def image_prior(decoder: SamDecoder, prior: torch.Tensor, features: ImageFeatures) -> torch.Tensor:
+    """``(H, W)`` the ``(He, We)`` prior at the original resolution, as ``persam.py`` makes it:
+    bilinear x4 (to the low-res mask size), then SAM's ``postprocess_masks`` (to the padded
+    input square, crop, resize to the original size)."""
+    x = F.interpolate(prior[None, None].float(), scale_factor=4, mode="bilinear")
+    return decoder.upscale(x, features.input_size, features.original_size)[0, 0]
+
+
+def _cells_to_image(
+    decoder: SamDecoder, cells: torch.Tensor, features: ImageFeatures
+) -> torch.Tensor:
+    """``(H, W)`` bool: the ``(He, We)`` bool value of the embedding cell under each pixel."""
+    h, w = features.input_size
+    square = F.interpolate(cells[None, None].float(), (decoder.img_size,) * 2, mode="nearest")
+    crop = square[..., :h, :w]
+    return F.interpolate(crop, tuple(features.original_size), mode="nearest")[0, 0] > 0.5
+
+
+def first_pass_prompt_image(
+    decoder: SamDecoder,
+    prior: torch.Tensor,
+    features: ImageFeatures,
+    available: torch.Tensor | None = None,
+    guided: bool = True,
+) -> FirstPassPrompt:
+    """Prompts as the released code picks them, from the prior at the original resolution
+    (:func:`image_prior`; ``persam.py``: ``point_selection`` and the ``attn_sim`` lines).
+
+    The positive point is the pixel of the highest prior (among ``available`` cells), the
+    negative one the pixel of the lowest (``persam.py`` only), both mapped to the SAM input frame
+    like the released predictor's ``apply_coords``. ``attn_sim`` is ``sigmoid`` of the
+    image-resolution prior standardised over all its pixels (unbiased std) and resized
+    bilinearly to ``(He, We)``: the whole image onto the whole grid, padding included, as
+    released. Taken cells (``available`` False) count as the prior's minimum there.
+    """
+    full = image_prior(decoder, prior, features)
+    width = full.shape[1]
+    free = (
+        torch.ones_like(full, dtype=torch.bool)
+        if available is None
+        else _cells_to_image(decoder, available, features)
+    )
+    if not free.any():
+        raise ValueError("no available cell in the prior")
+    positive = divmod(int(torch.where(free, full, -torch.inf).argmax()), width)
+    pixels, labels, attn_sim = [positive], [1], None
+    if guided:
+        pixels.append(divmod(int(full.argmin()), width))
+        labels.append(0)
+        current = torch.where(free, full, full.min())
+        standardised = (current - current.mean()) / torch.std(current)
+        grid = F.interpolate(standardised[None, None], decoder.embedding_size, mode="bilinear")
+        attn_sim = torch.sigmoid(grid[0, 0])
+    xy = np.array([[col, row] for row, col in pixels], np.float32)
+    coords = decoder.to_input_coords(xy, tuple(features.original_size))
+    he, we = decoder.embedding_size
+    x_in, y_in = coords[0]
+    cell = (
+        min(int(y_in * he / decoder.img_size), he - 1),
+        min(int(x_in * we / decoder.img_size), we - 1),
+    )
+    return FirstPassPrompt(
+        point_coords=torch.from_numpy(coords)[None],
+        point_labels=torch.tensor([labels]),
+        attn_sim=attn_sim,
+        peak=float(full[positive]),
+        peak_cell=cell,
+    )
+
+
+def make_prompt(
+    config: SegmenterConfig,
+    decoder: SamDecoder,
+    prior: torch.Tensor,
+    features: ImageFeatures,
+    available: torch.Tensor | None = None,
+    guided: bool = True,
+) -> FirstPassPrompt:
+    """The first pass's prompts in the frame ``config.persam_prior_frame`` chooses."""
+    if config.persam_prior_frame == "image":
+        return first_pass_prompt_image(decoder, prior, features, available, guided)
+    valid = valid_cells(decoder, features.input_size)
+    return first_pass_prompt(decoder, prior, valid, available, guided)
 
 
 def sam_location_prior(features: ImageFeatures, target_embedding: np.ndarray) -> torch.Tensor:
@@ -397,7 +485,7 @@ def segment_label(
     for _ in range(MAX_ROUNDS_PER_INSTANCE * max(limit, 1)):
         if len(found) >= limit or not available.any():
             break
-        prompt = first_pass_prompt(decoder, prior, valid, available, guided=not published_f)
+        prompt = make_prompt(config, decoder, prior, target, available, guided=not published_f)
         if first_peak is None:
             if config.persam_absence_test and is_absent(prompt.peak, baseline):
                 break

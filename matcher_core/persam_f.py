@@ -49,9 +49,8 @@ from .features import ImageFeatures
 from .persam import (
     FirstPassPrompt,
     first_pass,
-    first_pass_prompt,
+    make_prompt,
     sam_location_prior,
-    valid_cells,
 )
 from .reference import LabelReference
 from .sam_decoder import blend
@@ -226,8 +225,7 @@ def example_prompt(
     prior = sam_location_prior(
         features, label_ref.sam_prior_embedding("mean_max" if published else "mean")
     )
-    valid = valid_cells(decoder, features.input_size)
-    return first_pass_prompt(decoder, prior, valid, guided=not published)
+    return make_prompt(segmenter.config, decoder, prior, features, guided=not published)
 
 
 def example_logits(

@@ -156,7 +156,8 @@ def test_valid_cells_exclude_the_padding_of_the_sam_input(oracle):
     assert portrait[:, :6].all() and not portrait[:, 6:].any()
 
 
-def test_prompts_put_the_positive_point_on_the_peak_and_the_negative_on_the_minimum(oracle):
+def test_grid_prompts_put_the_positive_point_on_the_peak_and_the_negative_on_the_minimum(oracle):
+    """persam_prior_frame="grid" (a departure): points at cell centres, padding excluded."""
     decoder = oracle.decoder
     prior = torch.zeros(16, 16)
     prior[4, 7] = 0.9
@@ -172,6 +173,53 @@ def test_prompts_put_the_positive_point_on_the_peak_and_the_negative_on_the_mini
     assert prompt.attn_sim[10:].abs().max() == 0
     assert prompt.attn_sim[4, 7] == prompt.attn_sim[:10].max() and prompt.attn_sim[4, 7] > 0.9
     assert prompt.attn_sim[2, 1] == prompt.attn_sim[:10].min()
+
+
+def _released_prompts(prior, input_size, original_size, img_size=256, grid=(16, 16)):
+    """persam.py's prior upsampling, point_selection and attn_sim lines, transcribed in plain
+    torch (predictor.postprocess_masks and ResizeLongestSide.apply_coords included)."""
+    sim = F.interpolate(prior[None, None], scale_factor=4, mode="bilinear")
+    sim = F.interpolate(sim, (img_size, img_size), mode="bilinear", align_corners=False)
+    sim = sim[..., : input_size[0], : input_size[1]]
+    sim = F.interpolate(sim, original_size, mode="bilinear", align_corners=False).squeeze()
+    width = sim.shape[1]
+    points = []
+    for index in (sim.flatten(0).topk(1)[1], sim.flatten(0).topk(1, largest=False)[1]):
+        x = index // width
+        y = index - x * width
+        points.append([float(y), float(x)])
+    coords = torch.tensor(points)
+    coords[:, 0] *= input_size[1] / original_size[1]
+    coords[:, 1] *= input_size[0] / original_size[0]
+    standardised = (sim - sim.mean()) / torch.std(sim)
+    attn_sim = F.interpolate(standardised[None, None], size=grid, mode="bilinear").sigmoid()
+    return coords, attn_sim[0, 0], sim.max()
+
+
+@pytest.mark.parametrize(
+    "original_size, input_size", [((120, 200), (154, 256)), ((200, 120), (256, 154))]
+)
+def test_image_prompts_are_the_released_point_selection_and_attention(
+    oracle, original_size, input_size
+):
+    """Published (persam_prior_frame="image"): the prior upsampled to the original image, the
+    extreme pixels as points, attn_sim resized from the whole image onto the whole grid."""
+    prior = torch.randn(16, 16, generator=torch.Generator().manual_seed(4)).tanh()
+    features = ImageFeatures(
+        original_size=original_size,
+        input_size=input_size,
+        sam_embedding=torch.zeros(CHANNELS, 16, 16),
+        patch_features=torch.zeros(2, 2, 4),
+    )
+    prompt = persam.first_pass_prompt_image(oracle.decoder, prior, features)
+    coords, attn_sim, peak = _released_prompts(prior, input_size, original_size)
+    torch.testing.assert_close(prompt.point_coords[0], coords)
+    torch.testing.assert_close(prompt.attn_sim, attn_sim)
+    assert prompt.point_labels.tolist() == [[1, 0]]
+    assert prompt.peak == pytest.approx(float(peak))
+    unguided = persam.first_pass_prompt_image(oracle.decoder, prior, features, guided=False)
+    torch.testing.assert_close(unguided.point_coords[0], coords[:1])  # persam_f.py: positive only
+    assert unguided.attn_sim is None
 
 
 def test_taken_cells_hold_neither_the_positive_point_nor_attention(oracle):
@@ -265,10 +313,13 @@ def test_single_mask_refinement_is_a_named_departure(model_dir, feature, weights
 # --- whole label search ----------------------------------------------------------------------
 
 
-def test_two_separated_copies_of_the_target_give_two_instances(oracle, feature):
+@pytest.mark.parametrize("frame", ["image", "grid"])
+def test_two_separated_copies_of_the_target_give_two_instances(model_dir, feature, frame):
+    segmenter = make_segmenter(model_dir, persam_prior_frame=frame)
+    make_oracle(segmenter, feature)
     blocks = [(slice(2, 5), slice(2, 5)), (slice(10, 13), slice(9, 12))]
     target = features_with(blocks, feature, (200, 200), (256, 256))
-    instances = persam.segment_label(oracle, target, label_with(feature))
+    instances = persam.segment_label(segmenter, target, label_with(feature))
 
     assert len(instances) == 2  # one mask per copy although the oracle returns both at once
     scale = 256 / 200
@@ -377,6 +428,7 @@ def test_the_presets_switch_every_departure_off():
         assert config.mode == "persam" and config.max_instances == 1
         assert not config.persam_multi_instance and not config.persam_absence_test
         assert config.persam_semantic_prompt == "published" and config.persam_refine_multimask
+        assert config.persam_prior_frame == "image"
     assert not SegmenterConfig().with_preset("persam").persam_use_mask_weights
     persam_f_config = SegmenterConfig().with_preset("persam_f")
     assert persam_f_config.persam_f_first_pass == "published"
