@@ -67,9 +67,11 @@ class SegmenterConfig:
     by at least ``negative_rejection_margin`` mean cosine (a small object beside a look-alike);
     see :meth:`matcher_core.matching.NegativeCheck.looks_deleted`."""
     absence_test: bool = True
-    """Return nothing when the target's matches are no closer to the reference object than the
-    reference's own background is (:func:`matcher_core.matching.absence_baseline`): a scale-free
-    test, since both sides are cosines of the same encoder. Matcher has no such test."""
+    """Return nothing when the target looks no more like the reference object than the
+    reference's own background does: Matcher mode, the forward matches against
+    :func:`matcher_core.matching.absence_baseline`; PerSAM mode, the location prior's peak against
+    the reference's background cosine (:mod:`matcher_core.persam`). Scale-free, since both sides
+    are cosines of the same features. A departure: neither paper has an absence test."""
 
     # --- matcher: prompts ------------------------------------------------------------------
     prompt_sampler: Literal["parts", "subsets"] = "parts"
@@ -168,9 +170,33 @@ class SegmenterConfig:
     """Masks smaller than this many pixels (original resolution) are dropped."""
 
     # --- persam ---------------------------------------------------------------------------
-    persam_prior_threshold: float = 0.6
-    """PerSAM keeps looking for further instances while the location prior's peak (cosine mapped to
-    [0, 1]) stays above this."""
+    # Published rules and the options that depart from them: matcher_core/persam.py's
+    # docstring and docs/faithfulness-persam.md.
+    persam_prior_frame: Literal["image", "grid"] = "image"
+    """Where PerSAM's prompts are picked: ``image`` (published: the prior upsampled to the
+    original image, extreme pixels, ``attn_sim`` resized from the image) or ``grid`` (a
+    departure: on the embedding grid, cell centres, SAM's padding cells excluded)."""
+    persam_semantic_prompt: Literal["published", "queries_only"] = "published"
+    """Target-semantic prompting arithmetic (:mod:`matcher_core.sam_decoder`): ``published`` (the
+    released code's in-place add, which also reaches the tokens' positional term) or
+    ``queries_only`` (only the queries get the target embedding; a departure)."""
+    persam_refine_multimask: bool = True
+    """Refinement passes 2 and 3 keep the best of SAM's 3 multimask outputs (published). ``False``
+    (a departure) takes SAM's single-mask output there, the head SAM trains for several prompts."""
+    persam_f_first_pass: Literal["published", "persam"] = "published"
+    """PerSAM-F's first pass (training and inference): ``published`` (``persam_f.py``: one positive
+    point from the ``(mean + max) / 2`` prior, no decoder hooks) or ``persam`` (a departure:
+    PerSAM's first pass, positive and negative point from the mean prior, both hooks)."""
+    persam_use_mask_weights: bool = True
+    """Use a label's PerSAM-F weights when it has them (PerSAM-F); ``False``: plain PerSAM."""
+    persam_f_train_on_reference: bool = False
+    """:meth:`OneShotSegmenter.build_reference` also trains the PerSAM-F weights on the reference
+    examples themselves, as ``persam_f.py`` does (the ``persam_f`` preset)."""
+    persam_multi_instance: bool = True
+    """Search further instances after the first (a departure: the paper returns one mask)."""
+    persam_instance_ratio: float = 0.5
+    """A further instance needs a prior peak above the reference's background baseline by at
+    least this fraction of the first instance's margin (scale-free; :mod:`matcher_core.persam`)."""
     persam_suppress_dilation: int = 2
     """Patch-grid dilation of a found instance's region when suppressing it in the prior."""
 
@@ -279,6 +305,34 @@ PRESETS: dict[str, dict[str, Any]] = {
     "coco": MATCHER_COCO,
     "lvis": MATCHER_COCO,
     "part": MATCHER_PART,
+    # PerSAM and PerSAM-F exactly as published (persam.py / persam_f.py): one mask per label and
+    # target, no absence test, no instance search; PerSAM-F trains its weights on the reference.
+    "persam": dict(
+        mode="persam",
+        persam_multi_instance=False,
+        absence_test=False,
+        max_instances=1,
+        min_instance_area=0,
+        score_threshold=0.0,
+        persam_prior_frame="image",
+        persam_semantic_prompt="published",
+        persam_refine_multimask=True,
+        persam_use_mask_weights=False,
+        persam_f_train_on_reference=False,
+    ),
+    "persam_f": dict(
+        mode="persam",
+        persam_multi_instance=False,
+        absence_test=False,
+        max_instances=1,
+        min_instance_area=0,
+        score_threshold=0.0,
+        persam_prior_frame="image",
+        persam_refine_multimask=True,
+        persam_f_first_pass="published",
+        persam_use_mask_weights=True,
+        persam_f_train_on_reference=True,
+    ),
 }
 
 

@@ -1,13 +1,26 @@
 """PerSAM-F: learn, per label, how to blend SAM's 3 multimask logits (2 free weights).
 
 The blend is ``(1 - w1 - w2) * m0 + w1 * m1 + w2 * m2`` over SAM's multimask logits, ``w1 = w2 =
-1/3`` at the start, trained with Dice + sigmoid focal loss (AdamW, cosine learning-rate schedule)
-on annotated examples of the label. The prompts of an example are PerSAM's first pass on that
-example: positive and negative point from the example's own location prior, target-guided
-attention and target-semantic prompting, multimask output; the same decoder call the weights are
-used on at inference (:func:`matcher_core.persam.cascade`). (The published PerSAM-F script
-trains and predicts with the positive point only and no hooks; here training and inference share
-PerSAM's first pass, so the weights blend the logits they will actually be applied to.)
+1/3`` at the start, trained with Dice + sigmoid focal loss (AdamW, eps 1e-4, cosine learning-rate
+schedule, 1000 iterations at lr 1e-3 by default) on annotated examples of the label, as in the
+released ``persam_f.py``.
+
+**Where the weights apply**: only to the decoder call they were learned on, PerSAM-F's *first
+pass* in PerSAM mode (:func:`matcher_core.persam.cascade`). Passes 2-3 of the cascade take SAM's
+best output as usual, and the weights are never blended into Matcher's prompt sets (their
+prompts are not the ones the weights were learned on).
+
+The prompts of an example are that first pass on the example's own location prior
+(``config.persam_f_first_pass``):
+
+* ``published`` (default, ``persam_f.py``): the positive point only, at the maximum of the
+  prior of the ``(mean + max) / 2`` reference embedding, no decoder hooks, multimask output;
+* ``persam`` (a departure): PerSAM's first pass (positive and negative point from the mean
+  prior, target-guided attention and target-semantic prompting), multimask output.
+
+``persam_f.py`` trains on the reference image itself; ``config.persam_f_train_on_reference`` (the
+``persam_f`` preset) does so in :meth:`OneShotSegmenter.build_reference`, and
+:mod:`matcher_core.learning` also trains on corrected examples.
 
 Why training is fast here: SAM is frozen and its decoder output does not depend on the two
 weights, so each example is decoded *once* and its 3 logits, upscaled to the mask's resolution,
@@ -33,7 +46,12 @@ import torch
 import torch.nn.functional as F
 
 from .features import ImageFeatures
-from .persam import FirstPassPrompt, first_pass_prompt, sam_location_prior, valid_cells
+from .persam import (
+    FirstPassPrompt,
+    first_pass,
+    make_prompt,
+    sam_location_prior,
+)
 from .reference import LabelReference
 from .sam_decoder import blend
 
@@ -198,13 +216,16 @@ class _CachedExample:
 
 
 def example_prompt(
-    segmenter: OneShotSegmenter, target_embedding: np.ndarray, features: ImageFeatures
+    segmenter: OneShotSegmenter, label_ref: LabelReference, features: ImageFeatures
 ) -> FirstPassPrompt:
-    """PerSAM's first-pass prompts on a training example: points and attention prior from the
-    example's own location prior."""
+    """PerSAM-F's first-pass prompts on a training example, from the example's own location
+    prior (``config.persam_f_first_pass``, module docstring)."""
     decoder = segmenter.decoder
-    prior = sam_location_prior(features, target_embedding)
-    return first_pass_prompt(decoder, prior, valid_cells(decoder, features.input_size))
+    published = segmenter.config.persam_f_first_pass == "published"
+    prior = sam_location_prior(
+        features, label_ref.sam_prior_embedding("mean_max" if published else "mean")
+    )
+    return make_prompt(segmenter.config, decoder, prior, features, guided=not published)
 
 
 def example_logits(
@@ -214,17 +235,17 @@ def example_logits(
     prompt: FirstPassPrompt,
     mask_size: tuple[int, int],
 ) -> torch.Tensor:
-    """PerSAM's first-pass multimask logits of one example, ``(1, 3, H, W)`` at ``mask_size``
+    """PerSAM-F's first-pass multimask logits of one example, ``(1, 3, H, W)`` at ``mask_size``
     (the original resolution), as a plain tensor that autograd may use."""
     decoder = segmenter.decoder
     with segmenter.timed("decoding"):
-        out = decoder.decode(
+        out = first_pass(
+            decoder,
             features.sam_embedding,
-            point_coords=prompt.point_coords,
-            point_labels=prompt.point_labels,
+            prompt,
+            target_embedding,
             multimask=True,
-            attn_sim=prompt.attn_sim,
-            target_embedding=target_embedding,
+            semantic_prompt=segmenter.config.persam_semantic_prompt,
         )
     with torch.inference_mode():
         logits = decoder.upscale(out.low_res_logits, features.input_size, mask_size)
@@ -290,7 +311,7 @@ def train_mask_weights(
     target_embedding = label_ref.sam_target_embedding()
     cached = []
     for features, mask in pairs:
-        prompt = example_prompt(segmenter, target_embedding, features)
+        prompt = example_prompt(segmenter, label_ref, features)
         logits = example_logits(segmenter, target_embedding, features, prompt, mask.shape)
         cached.append(_CachedExample(logits, mask))
 
@@ -324,7 +345,7 @@ def train_mask_weights_reference(
     _check_pairs(pairs)
     target_embedding = label_ref.sam_target_embedding()
     targets = [_Target.of(mask) for _, mask in pairs]
-    prompts = [example_prompt(segmenter, target_embedding, f) for f, _ in pairs]
+    prompts = [example_prompt(segmenter, label_ref, f) for f, _ in pairs]
 
     def loss_and_gradient(free: torch.Tensor) -> tuple[float, torch.Tensor]:
         with torch.inference_mode(False), torch.enable_grad():

@@ -11,10 +11,16 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 FORMAT_VERSION = 1
+
+PriorKind = Literal["mean", "mean_max"]
+"""PerSAM's location-prior embedding: the mean of the reference features (``persam.py``) or
+``(mean + max) / 2`` (``persam_f.py``)."""
+PRIOR_KINDS: tuple[str, ...] = ("mean", "mean_max")
 
 
 @dataclass
@@ -62,6 +68,13 @@ class Shot:
     sam_target_embedding: np.ndarray
     """``(C,)`` float32: mean of SAM image features under the mask (PerSAM's target embedding)."""
     instance_count: int = 1
+    sam_target_max: np.ndarray | None = None
+    """``(C,)`` float32: channel-wise max of SAM image features under the mask (PerSAM-F's
+    location prior uses ``(mean + max) / 2``); ``None`` in references saved before it existed."""
+    sam_background_cosine: np.ndarray | None = None
+    """``(2,)`` float32: the highest cosine between a background cell of this reference image and
+    (0) the mean embedding, (1) the ``(mean + max) / 2`` embedding: how alike the reference's own
+    non-object cells look (PerSAM's per-reference baseline, :mod:`matcher_core.persam`)."""
 
     def object_cells(self) -> np.ndarray:
         """``(gh * gw,)`` bool: the cells the mask touches at all (Matcher's rule, ``avg_pool > 0``:
@@ -95,6 +108,32 @@ class LabelReference:
         """``(C,)`` mean of the shots' SAM target embeddings."""
         return np.mean([s.sam_target_embedding for s in self.shots], axis=0).astype(np.float32)
 
+    def sam_prior_embedding(self, kind: PriorKind = "mean") -> np.ndarray:
+        """``(C,)`` embedding of PerSAM's location prior: the mean (PerSAM) or, per shot,
+        ``(mean + max) / 2`` of the features under the mask (PerSAM-F), averaged over the shots
+        (a shot without a stored max contributes its mean)."""
+        if kind == "mean":
+            return self.sam_target_embedding()
+        if kind != "mean_max":
+            raise ValueError(f"unknown prior embedding {kind!r}")
+        per_shot = [
+            s.sam_target_embedding
+            if s.sam_target_max is None
+            else (s.sam_target_embedding + s.sam_target_max) / 2
+            for s in self.shots
+        ]
+        return np.mean(per_shot, axis=0).astype(np.float32)
+
+    def background_cosine(self, kind: PriorKind = "mean") -> float | None:
+        """Mean over the shots of :attr:`Shot.sam_background_cosine` for the ``kind`` of prior
+        embedding; ``None`` when no shot has it."""
+        values = [
+            float(s.sam_background_cosine[PRIOR_KINDS.index(kind)])
+            for s in self.shots
+            if s.sam_background_cosine is not None
+        ]
+        return float(np.mean(values)) if values else None
+
 
 @dataclass
 class Reference:
@@ -120,6 +159,10 @@ class Reference:
                 arrays[f"l{li}s{si}f"] = shot.patch_features.astype(np.float16)
                 arrays[f"l{li}s{si}m"] = shot.patch_mask.astype(np.float32)
                 arrays[f"l{li}s{si}e"] = shot.sam_target_embedding.astype(np.float32)
+                if shot.sam_target_max is not None:
+                    arrays[f"l{li}s{si}x"] = shot.sam_target_max.astype(np.float32)
+                if shot.sam_background_cosine is not None:
+                    arrays[f"l{li}s{si}b"] = shot.sam_background_cosine.astype(np.float32)
                 entry["shots"].append({"instance_count": shot.instance_count})
             if ref.negatives is not None:
                 arrays[f"l{li}n"] = ref.negatives.astype(np.float16)
@@ -147,6 +190,8 @@ class Reference:
                             patch_mask=data[f"l{li}s{si}m"],
                             sam_target_embedding=data[f"l{li}s{si}e"],
                             instance_count=int(meta.get("instance_count", 1)),
+                            sam_target_max=_optional(data, f"l{li}s{si}x"),
+                            sam_background_cosine=_optional(data, f"l{li}s{si}b"),
                         )
                         for si, meta in enumerate(entry["shots"])
                     ]
@@ -161,3 +206,8 @@ class Reference:
         except (OSError, KeyError, ValueError, json.JSONDecodeError) as error:
             raise ValueError(f"not a serialised reference: {error}") from error
         return Reference(labels=labels, model_id=header.get("model_id", ""))
+
+
+def _optional(data, key: str) -> np.ndarray | None:
+    """An array of an ``npz`` that older references lack."""
+    return data[key] if key in data.files else None

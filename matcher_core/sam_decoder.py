@@ -16,22 +16,36 @@ and ``TwoWayTransformer`` (same modules, same arithmetic), for two reasons:
 
 With both hooks off the output equals the stock decoder's (``tests/test_sam_decoder.py``).
 
-The hooks follow the PerSAM paper: the attention prior is added to the softmax-normalised
-token-to-image attention of each two-way block (not the final attention), which is normalised
-again; the target embedding is added to the tokens before each block and to the final
-attention's queries. (The published code adds it in place to a tensor that is also the first
-block's positional encoding, so there it leaks into the positional term too; here it does not.)
+The hooks follow the released PerSAM code (``per_segment_anything/modeling/transformer.py``,
+``TwoWayTransformer.forward`` and ``Attention.forward``):
+
+* *Target-guided attention*: the attention prior is added to the softmax-normalised
+  token-to-image attention of every two-way block (not the final attention), which is then
+  normalised again.
+* *Target-semantic prompting*: the target embedding is added to the queries before every
+  block and once more to the final attention's queries. The released code adds it *in place*
+  (``queries += target_embedding``) while ``queries`` is still the very tensor passed as
+  ``point_embedding``, so before the first block the token positional term ``query_pe`` becomes
+  ``tokens + target`` too, and stays so for every block and for the final attention, whose
+  queries are therefore ``queries + tokens + 2 target``. The published PerSeg numbers come
+  from that arithmetic, so it is the default (``semantic_prompt="published"``);
+  ``semantic_prompt="queries_only"`` is the paper's clean reading (the queries get the target,
+  the positional term does not; final queries ``queries + tokens + target``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+SemanticPrompt = Literal["published", "queries_only"]
+"""Where PerSAM's target embedding enters the decoder transformer (module docstring)."""
 
 
 @dataclass
@@ -204,6 +218,7 @@ class SamDecoder:
         multimask: bool = True,
         attn_sim: torch.Tensor | None = None,
         target_embedding: torch.Tensor | np.ndarray | None = None,
+        semantic_prompt: SemanticPrompt = "published",
     ) -> DecoderOutput:
         """Decode B prompt sets against one image embedding.
 
@@ -220,7 +235,12 @@ class SamDecoder:
             target_embedding: PerSAM target-semantic prompting: a ``(C,)`` SAM feature (the
                 reference object's mean embedding) added to all decoder tokens (output and
                 prompt tokens) before every transformer block and the final attention.
+            semantic_prompt: ``published`` (the released code's arithmetic: the target also
+                stays in the tokens' positional term of every block and enters the final
+                attention twice) or ``queries_only``; see the module docstring.
         """
+        if semantic_prompt not in ("published", "queries_only"):
+            raise ValueError(f"unknown semantic_prompt {semantic_prompt!r}")
         device = self.device
         prompt_encoder = self.sam.prompt_encoder
         decoder = self.sam.mask_decoder
@@ -264,6 +284,11 @@ class SamDecoder:
 
         # TwoWayTransformer.forward
         queries, query_pe = tokens, tokens
+        if target is not None and semantic_prompt == "published" and len(transformer.layers):
+            # The released code's in-place `queries += target` before the first block also
+            # changes `point_embedding`, the positional term of every block and of the final
+            # attention (module docstring).
+            query_pe = tokens + target
         for block in transformer.layers:
             if target is not None:
                 queries = queries + target

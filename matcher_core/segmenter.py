@@ -26,6 +26,8 @@ from .features import (
     sam_patch_grid,
 )
 from .models import load_encoder, load_sam, select_device
+from .persam import valid_cells
+from .prior import reference_statistics
 from .reference import Example, Instance, LabelReference, Reference, Shot
 from .sam_decoder import SamDecoder
 
@@ -122,21 +124,35 @@ class OneShotSegmenter:
             raise ValueError("empty mask: a reference needs at least one object pixel")
         grid = tuple(features.patch_features.shape[:2])
         patch_mask = pool_mask_to_grid(union, grid).numpy()
+        mean, maximum, background = reference_statistics(
+            features.sam_embedding.cpu(),
+            self._embedding_cells(features, union),
+            valid_cells(self.decoder, features.input_size),
+        )
         return Shot(
             patch_features=features.patch_features.cpu().numpy().astype(np.float16),
             patch_mask=patch_mask.astype(np.float32),
-            sam_target_embedding=self.sam_target_embedding(features, union),
+            sam_target_embedding=mean.numpy().astype(np.float32),
             instance_count=len(masks),
+            sam_target_max=maximum.numpy().astype(np.float32),
+            sam_background_cosine=background.numpy().astype(np.float32),
         )
 
     def sam_target_embedding(self, features: ImageFeatures, mask: np.ndarray) -> np.ndarray:
-        """``(C,)`` mean SAM feature under ``mask`` (PerSAM's target embedding).
-
-        The mask is mapped into the embedding's frame (resized like the image, padded), then
-        averaged over embedding cells it covers at least half (the best cell if none does).
-        """
+        """``(C,)`` mean SAM feature under ``mask`` (PerSAM's target embedding), over the cells
+        of :meth:`_embedding_cells`."""
         embedding = features.sam_embedding
-        _, he, we = embedding.shape
+        weights = self._embedding_cells(features, mask).float()
+        flat = embedding.float().cpu().reshape(embedding.shape[0], -1)
+        return (flat @ weights.reshape(-1) / weights.sum()).numpy().astype(np.float32)
+
+    def _embedding_cells(self, features: ImageFeatures, mask: np.ndarray) -> torch.Tensor:
+        """``(He, We)`` bool: embedding cells under an ``(H, W)`` mask.
+
+        The mask is mapped into the embedding's frame (resized like the image, padded); a cell
+        is under it when covered at least half (the best cell if none is).
+        """
+        _, he, we = features.sam_embedding.shape
         h, w = features.input_size
         mask_t = torch.as_tensor(mask, dtype=torch.float32)[None, None]
         resized = torch.nn.functional.interpolate(
@@ -145,15 +161,20 @@ class OneShotSegmenter:
         padded = torch.zeros(1, 1, self.decoder.img_size, self.decoder.img_size)
         padded[..., :h, :w] = resized
         cells = torch.nn.functional.adaptive_avg_pool2d(padded, (he, we))[0, 0]
-        weights = (cells >= 0.5).float()
-        if weights.sum() == 0:
-            weights = (cells >= cells.max()).float()
-        flat = embedding.float().cpu().reshape(embedding.shape[0], -1)
-        return (flat @ weights.reshape(-1) / weights.sum()).numpy().astype(np.float32)
+        inside = cells >= 0.5
+        return inside if inside.any() else cells >= cells.max()
 
     def build_reference(self, examples: Iterable[Example]) -> Reference:
-        """A new :class:`Reference` from annotated examples (one shot per example and label)."""
-        return self.add_examples(Reference(model_id=self.model_id), examples)
+        """A new :class:`Reference` from annotated examples (one shot per example and label).
+
+        With ``config.persam_f_train_on_reference`` (the ``persam_f`` preset) the PerSAM-F
+        weights are then trained on these examples, as ``persam_f.py`` does on its reference.
+        """
+        examples = list(examples)
+        reference = self.add_examples(Reference(model_id=self.model_id), examples)
+        if self.config.persam_f_train_on_reference:
+            self.train_mask_weights(reference, examples)
+        return reference
 
     def add_examples(
         self, reference: Reference, examples: Iterable[Example], max_shots: int = 8

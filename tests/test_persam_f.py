@@ -3,11 +3,14 @@ loop, serialisation and determinism."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
 
-from matcher_core import Example, OneShotSegmenter, Reference, persam_f, tiny_config
+from matcher_core import Example, OneShotSegmenter, Reference, persam, persam_f, tiny_config
+from matcher_core.config import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +86,18 @@ def test_training_lowers_the_loss_and_moves_the_weights(segmenter, labelled):
     assert report.weights.sum() == pytest.approx(1.0, abs=1e-5)
 
 
-def test_each_example_is_decoded_once(segmenter, labelled):
-    reference, pairs = labelled
+@contextmanager
+def configured(segmenter: OneShotSegmenter, **changes):
+    """The module's segmenter with ``changes`` to its configuration, for one block."""
+    saved = segmenter.config
+    segmenter.config = saved.replace(**changes)
+    try:
+        yield segmenter
+    finally:
+        segmenter.config = saved
+
+
+def recorded_training_calls(segmenter, label, pairs) -> list[dict]:
     decode = segmenter.decoder.decode
     calls = []
 
@@ -94,14 +107,51 @@ def test_each_example_is_decoded_once(segmenter, labelled):
 
     segmenter.decoder.decode = counting_decode
     try:
-        persam_f.train_mask_weights(segmenter, reference.labels["ball"], pairs, iterations=20)
+        persam_f.train_mask_weights(segmenter, label, pairs, iterations=20)
     finally:
         segmenter.decoder.decode = decode
+    return calls
+
+
+def test_each_example_is_decoded_once_with_the_published_first_pass(segmenter, labelled):
+    """Published (persam_f.py): one positive point, no decoder hooks, three masks."""
+    reference, pairs = labelled
+    calls = recorded_training_calls(segmenter, reference.labels["ball"], pairs)
     assert len(calls) == 2
-    # PerSAM's first pass: two points, both hooks, three masks
+    assert all(c["multimask"] for c in calls)
+    assert all("attn_sim" not in c and "target_embedding" not in c for c in calls)
+    assert all(c["point_labels"].tolist() == [[1]] for c in calls)
+
+
+def test_the_persam_first_pass_is_a_named_departure(segmenter, labelled):
+    """persam_f_first_pass="persam": PerSAM's first pass (two points, both hooks)."""
+    reference, pairs = labelled
+    with configured(segmenter, persam_f_first_pass="persam"):
+        calls = recorded_training_calls(segmenter, reference.labels["ball"], pairs)
+    assert len(calls) == 2
     assert all(c["multimask"] and c["attn_sim"] is not None for c in calls)
     assert all(c["target_embedding"] is not None for c in calls)
     assert all(c["point_labels"].tolist() == [[1, 0]] for c in calls)
+
+
+def test_the_published_prior_uses_half_the_mean_plus_half_the_max(segmenter, labelled):
+    """persam_f.py: the location prior's embedding is (mean + max) / 2 of the reference
+    features under the mask (persam.py: the mean); the positive point is its peak."""
+    reference, pairs = labelled
+    label = reference.labels["ball"]
+    features, mask = pairs[0]
+    inside = segmenter._embedding_cells(features, mask).reshape(-1)
+    under = features.sam_embedding.float().flatten(1)[:, inside]  # (C, N)
+    mixed = under.mean(1) / 2 + under.max(1).values / 2
+    np.testing.assert_allclose(label.sam_prior_embedding("mean_max"), mixed.numpy(), atol=1e-5)
+    np.testing.assert_allclose(label.sam_prior_embedding("mean"), under.mean(1).numpy(), atol=1e-5)
+
+    cells = torch.nn.functional.normalize(features.sam_embedding.float().flatten(1), dim=0)
+    prior = torch.nn.functional.normalize(mixed, dim=0) @ cells
+    valid = persam.valid_cells(segmenter.decoder, features.input_size).reshape(-1)
+    expected = int(torch.where(valid, prior, -torch.inf).argmax())
+    prompt = persam_f.example_prompt(segmenter, label, features)
+    assert prompt.peak_cell == divmod(expected, features.sam_embedding.shape[2])
 
 
 @pytest.mark.parametrize("count", [1, 2])
@@ -156,3 +206,24 @@ def test_learned_weights_are_stored_on_the_label_and_survive_serialisation(segme
     restored = Reference.from_bytes(reference.to_bytes())
     np.testing.assert_array_equal(restored.labels["ball"].mask_weights, learned)
     assert restored.labels["ball"].mask_weights.dtype == np.float32
+
+
+def test_shot_statistics_survive_serialisation(segmenter, labelled):
+    reference, _ = labelled
+    shot = reference.labels["ball"].shots[0]
+    assert shot.sam_target_max.shape == shot.sam_target_embedding.shape
+    assert shot.sam_background_cosine.shape == (2,)
+    restored = Reference.from_bytes(reference.to_bytes()).labels["ball"].shots[0]
+    np.testing.assert_array_equal(restored.sam_target_max, shot.sam_target_max)
+    np.testing.assert_array_equal(restored.sam_background_cosine, shot.sam_background_cosine)
+
+
+def test_the_persam_f_preset_trains_the_weights_on_the_reference(segmenter):
+    """persam_f.py learns its weights on the reference image itself."""
+    image, mask = scene(3, 90, 120)
+    with configured(segmenter, **{**PRESETS["persam_f"], "persam_f_iterations": 20}):
+        reference = segmenter.build_reference([Example(image, {"ball": [mask]})])
+    weights = reference.labels["ball"].mask_weights
+    assert weights is not None and weights.sum() == pytest.approx(1.0, abs=1e-5)
+    plain = segmenter.build_reference([Example(image, {"ball": [mask]})])
+    assert plain.labels["ball"].mask_weights is None  # the product default trains on corrections

@@ -3,6 +3,9 @@ PerSAM hooks and the PerSAM-F blend do what they say."""
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 
@@ -170,3 +173,141 @@ def test_upscale_maps_the_input_frame_to_the_original_resolution(decoder):
     assert upscaled.shape == (1, 1, *original)
     inside = upscaled[0, 0] > 0
     assert inside[:, :85].all() and not inside[:, 95:].any()
+
+
+# --- PerSAM's published decoder arithmetic, transcribed -----------------------------------
+# A plain-torch transcription of the released PerSAM transformer
+# (per_segment_anything/modeling/transformer.py: TwoWayTransformer, TwoWayAttentionBlock,
+# Attention), over the tiny SAM's weights. It keeps the released in-place
+# `queries += target_embedding` on the tensor that is also `point_embedding`, so whatever that
+# aliasing does, the transcription does too. It does not call matcher_core.
+
+
+def _published_attention(attention, q, k, v, attn_sim=None):
+    """Attention.forward: heads split, softmax, then (+ attn_sim, softmax again)."""
+    q, k, v = attention.q_proj(q), attention.k_proj(k), attention.v_proj(v)
+    heads = attention.num_heads
+
+    def split(x):
+        b, n, c = x.shape
+        return x.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+    q, k, v = split(q), split(k), split(v)
+    attn = torch.softmax(q @ k.permute(0, 1, 3, 2) / math.sqrt(q.shape[-1]), dim=-1)
+    if attn_sim is not None:
+        attn = torch.softmax(attn + attn_sim, dim=-1)
+    out = attn @ v
+    b, h, n, c = out.shape
+    return attention.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
+
+
+def _published_block(block, queries, keys, query_pe, key_pe, attn_sim):
+    """TwoWayAttentionBlock.forward (attn_sim in the token-to-image attention only)."""
+    if block.skip_first_layer_pe:
+        queries = _published_attention(block.self_attn, queries, queries, queries)
+    else:
+        q = queries + query_pe
+        queries = queries + _published_attention(block.self_attn, q, q, queries)
+    queries = block.norm1(queries)
+    q, k = queries + query_pe, keys + key_pe
+    queries = block.norm2(
+        queries + _published_attention(block.cross_attn_token_to_image, q, k, keys, attn_sim)
+    )
+    queries = block.norm3(queries + block.mlp(queries))
+    q, k = queries + query_pe, keys + key_pe
+    keys = block.norm4(keys + _published_attention(block.cross_attn_image_to_token, k, q, queries))
+    return queries, keys
+
+
+class _PublishedTransformer(torch.nn.Module):
+    """TwoWayTransformer.forward of the released PerSAM code, hooks bound at construction."""
+
+    def __init__(self, stock, attn_sim, target_embedding, in_place: bool = True):
+        super().__init__()
+        self.stock, self.attn_sim, self.target, self.in_place = (
+            stock,
+            attn_sim,
+            target_embedding,
+            in_place,
+        )
+
+    def forward(self, image_embedding, image_pe, point_embedding):
+        image_embedding = image_embedding.flatten(2).permute(0, 2, 1)
+        image_pe = image_pe.flatten(2).permute(0, 2, 1)
+        queries, keys = point_embedding, image_embedding
+        for layer in self.stock.layers:
+            if self.in_place:
+                queries += self.target  # released: also changes point_embedding (same tensor)
+            else:
+                queries = queries + self.target  # the clean reading
+            queries, keys = _published_block(
+                layer, queries, keys, point_embedding, image_pe, self.attn_sim
+            )
+        q = queries + point_embedding
+        k = keys + image_pe
+        q += self.target
+        attn_out = _published_attention(self.stock.final_attn_token_to_image, q, k, keys)
+        return self.stock.norm_final_attn(queries + attn_out), keys
+
+
+def _published_decode(decoder, embedding, attn_sim, target, multimask, in_place, **prompts):
+    """SAM's stock prompt encoder and MaskDecoder around the transcribed PerSAM transformer."""
+    sam = decoder.sam
+    mask_decoder = copy.deepcopy(sam.mask_decoder)
+    he, we = decoder.embedding_size
+    mask_decoder.transformer = _PublishedTransformer(
+        mask_decoder.transformer,
+        attn_sim.reshape(1, 1, 1, he * we),  # persam.py: sim.sigmoid_().unsqueeze(0).flatten(3)
+        target.reshape(1, 1, -1),  # persam.py: target_embedding (1, 1, C)
+        in_place,
+    )
+    with torch.inference_mode():
+        sparse, dense = sam.prompt_encoder(
+            points=(prompts["point_coords"], prompts["point_labels"]), boxes=None, masks=None
+        )
+        return mask_decoder(
+            image_embeddings=embedding[None],
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+@pytest.mark.parametrize(
+    ("semantic_prompt", "in_place"), [("published", True), ("queries_only", False)]
+)
+def test_persam_hooks_equal_the_published_transformer_arithmetic(
+    decoder, embedding, semantic_prompt, in_place, multimask
+):
+    """Published rule: the released in-place `queries += target_embedding` is the default
+    arithmetic; `queries_only` equals the same transcription without the aliasing."""
+    prompts = _prompts(decoder, 1, seed=11)
+    prompts = {k: prompts[k] for k in ("point_coords", "point_labels")}
+    hooks = _hooks(decoder, embedding)
+    ours = decoder.decode(
+        embedding, **prompts, multimask=multimask, **hooks, semantic_prompt=semantic_prompt
+    )
+    masks, iou = _published_decode(
+        decoder,
+        embedding,
+        hooks["attn_sim"],
+        hooks["target_embedding"],
+        multimask,
+        in_place,
+        **prompts,
+    )
+    torch.testing.assert_close(ours.low_res_logits, masks, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.iou_predictions, iou, atol=1e-5, rtol=1e-4)
+
+
+def test_the_published_and_clean_semantic_prompts_differ(decoder, embedding):
+    """The two arithmetics are really different computations (else the test above pins
+    nothing): the leak into the positional term moves the logits."""
+    prompts = _prompts(decoder, 1, seed=11)
+    prompts = {k: prompts[k] for k in ("point_coords", "point_labels")}
+    hooks = _hooks(decoder, embedding)
+    published = decoder.decode(embedding, **prompts, **hooks, semantic_prompt="published")
+    clean = decoder.decode(embedding, **prompts, **hooks, semantic_prompt="queries_only")
+    assert (published.low_res_logits - clean.low_res_logits).abs().max() > 1e-4
