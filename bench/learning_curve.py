@@ -26,8 +26,9 @@ Metrics, per ``k`` and arm:
   target is a miss);
 * *false positives*: fraction of other folders' targets (the first target of every other folder)
   where the match is not rejected, i.e. a prompt would be issued: at least
-  ``min_matched_points`` matches, match quality at least ``rejection_threshold`` and, with
-  negatives, not taken for the deleted kind.
+  ``min_matched_points`` matches, forward matches closer to the object than the reference's own
+  background (:func:`matcher_core.matching.absence_baseline`) and, with negatives, not taken for
+  the deleted kind.
 
 Arms: ``union`` (the shots' matches pooled by union, no negatives), ``consensus`` (the engine's
 pooling, no negatives) and ``consensus + negatives``.
@@ -66,6 +67,7 @@ from matcher_core.features import patch_centres  # noqa: E402
 from matcher_core.learning import select_negatives  # noqa: E402
 from matcher_core.matching import (  # noqa: E402
     MatchResult,
+    absence_baseline,
     bidirectional_match,
     filter_negative_matches,
     pool_matches,
@@ -140,10 +142,10 @@ class ShotMatches:
         return out
 
 
-def accepted(match: MatchResult, config: SegmenterConfig) -> bool:
-    """Whether the pipeline would go on to prompt SAM (match-quality rejection)."""
+def accepted(match: MatchResult, shots: list[Shot], config: SegmenterConfig) -> bool:
+    """Whether the pipeline would go on to prompt SAM (its absence test)."""
     return len(match) >= max(1, config.min_matched_points) and (
-        match.quality >= config.rejection_threshold
+        match.forward_similarity > absence_baseline(shots)
     )
 
 
@@ -161,7 +163,7 @@ def decide(
     check = filter_negative_matches(pooled, target.features, object_features, negatives)
     if check.looks_deleted(config.negative_rejection_fraction, config.negative_rejection_margin):
         return None
-    return check.kept if accepted(check.kept, config) else None
+    return check.kept if accepted(check.kept, matcher.shots[:count], config) else None
 
 
 @dataclass
@@ -209,7 +211,7 @@ def evaluate(
             for other in others:
                 for image in other.training[:k]:
                     base = matcher.per_shot(image, 1)[0]
-                    if accepted(base, config):
+                    if accepted(base, shots[:1], config):
                         regions.append((len(regions), flat(image.features)[base.target_indices]))
             negatives = select_negatives(regions, object_features, max_negatives)
             for arm in ARMS:
@@ -293,7 +295,7 @@ def main() -> None:
     header = (
         f"EfficientNet-Lite0 @ {args.input_size}, {len(folders)} folders, "
         f"{targets['targets']} targets, {targets['other_targets']} other-folder targets; "
-        f"rejection threshold {config.rejection_threshold}, max negatives {args.max_negatives}; "
+        f"absence test against the reference background, max negatives {args.max_negatives}; "
         f"encoder {encode_seconds:.0f} s, matching {match_seconds:.0f} s"
     )
     print(header + "\n")
