@@ -21,7 +21,15 @@ from matcher_core.learning import learn as learn_from_corrections
 from .errors import TASK_INPUT_ERRORS
 from .labelstudio import LabelingSchema, annotation_to_masks
 from .project import ProjectContext
-from .store import WAITING_VERSION, LockLost, ProjectState, StoreError, StoreUnavailable
+from .store import (
+    WAITING_VERSION,
+    InvalidKey,
+    LockLost,
+    ProjectState,
+    StoreError,
+    StoreUnavailable,
+    example_key,
+)
 
 log = logging.getLogger("oneshot.model")
 
@@ -110,7 +118,12 @@ def sync_examples_from_label_studio(project: ProjectContext, state: ProjectState
         for annotation in task.get("annotations") or []:
             if annotation.get("was_cancelled") or not annotation.get("result"):
                 continue
-            fresh[f"annotation:{annotation['id']}"] = {
+            try:
+                key = example_key(annotation.get("id"))
+            except InvalidKey as error:
+                log.warning("project %s: annotation skipped: %s", project_id, error)
+                continue
+            fresh[key] = {
                 "annotation": {**annotation, "task": task.get("id")},
                 "task": {"id": task.get("id"), "data": task.get("data")},
                 "received_at": time.time(),
