@@ -11,7 +11,12 @@ from typing import Any
 import numpy as np
 
 from .errors import BadRequest, LimitExceeded, store_failure
-from .labelstudio import AnnotationError, LabelingSchema, annotation_to_masks
+from .labelstudio import (
+    MASK_CAPABLE_TYPES,
+    AnnotationError,
+    LabelingSchema,
+    annotation_to_masks,
+)
 from .project import ProjectContext, project_id_of
 from .store import InvalidKey, ProjectState, StoreError, example_key
 
@@ -123,11 +128,18 @@ def validate_annotation(project: ProjectContext, annotation: dict, schema: Label
             f"limit is {settings.max_instances_per_label} (MAX_INSTANCES_PER_LABEL)"
         )
     sizes = set()
-    for result in results:
+    for index, result in enumerate(results):
         if not isinstance(result, dict):
-            continue
+            raise BadRequest(f"annotation {annotation.get('id')}: result #{index} is not an object")
         height, width = result.get("original_height"), result.get("original_width")
         if height is None and width is None:
+            if result.get("type") in MASK_CAPABLE_TYPES:
+                # Label Studio sends the canvas size with every image region; without it the
+                # region cannot be checked now, and would fail only at every later training.
+                raise BadRequest(
+                    f"annotation {annotation.get('id')}: {result['type']} result #{index} has "
+                    "no original_width / original_height"
+                )
             continue
         if not all(
             isinstance(side, (int, float)) and not isinstance(side, bool) and side >= 1
@@ -144,7 +156,11 @@ def validate_annotation(project: ProjectContext, annotation: dict, schema: Label
             f"({sorted(sizes)})"
         )
     if not sizes:
-        return  # sizes unknown until the image is downloaded; the training checks then
+        # Every region carries its size (checked above): without any, nothing here is a region.
+        raise BadRequest(
+            f"annotation {annotation.get('id')} has no image region (brush, polygon, rectangle "
+            "or keypoint) to learn from"
+        )
     (height, width) = sizes.pop()
     if height * width > settings.max_image_pixels:
         raise LimitExceeded(

@@ -656,3 +656,37 @@ def test_a_usable_hostname_is_stored(fuzzed, hostname):
     body = {"project": "77.1", "schema": LABEL_CONFIG, "hostname": hostname}
     assert fuzzed.check("/setup", json.dumps(body)) == 200
     assert fuzzed.runtime.store.load("77").connection["hostname"] == hostname
+
+
+def _sizeless(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k not in ("original_width", "original_height")}
+
+
+SIZELESS_RESULTS = {
+    "corrupt RLE": [_sizeless({**brush_result(square_mask()),
+                               "value": {"format": "rle", "rle": [1, 2, 3], "brushlabels": ["Cat"]}})],
+    "NaN polygon": [{"type": "polygonlabels", "from_name": "poly", "to_name": "image",
+                     "value": {"points": [[float("nan"), 0], [1, 1], [2, 0]],
+                               "polygonlabels": ["Cat"]}}],
+    "unknown label": [_sizeless(brush_result(square_mask(), label="Unicorn"))],
+    "valid brush, sizes dropped": [_sizeless(brush_result(square_mask()))],
+    "a string for a result": ["x"],
+    "only a classification": [{"type": "choices", "from_name": "c", "to_name": "image",
+                               "value": {"choices": ["a"]}}],
+    "a region without sizes next to one with": [brush_result(square_mask()),
+                                                _sizeless(brush_result(square_mask(), "Dog"))],
+}  # fmt: skip
+"""Result lists Label Studio never sends (its image regions always carry their canvas size):
+refused before anything is stored, whatever their shape."""
+
+
+@pytest.mark.parametrize("results", SIZELESS_RESULTS.values(), ids=SIZELESS_RESULTS.keys())
+@pytest.mark.parametrize("action", ["ANNOTATION_CREATED", "ANNOTATIONS_CREATED"])
+def test_results_without_sizes_are_refused_before_anything_is_stored(fuzzed, results, action):
+    annotation = {**valid_event(600)["annotation"], "result": results}
+    body = {**valid_event(600), "annotation": annotation}
+    if action == "ANNOTATIONS_CREATED":
+        body = {**BULK_EVENT, "annotation": [annotation]}
+    assert fuzzed.check("/webhook", fuzzed.fill(body)) == 400
+    assert "annotation:600" not in fuzzed.runtime.store.examples(str(PROJECT))
+    assert fuzzed.background == []  # no training requested either
