@@ -682,3 +682,45 @@ def test_a_webhook_on_a_full_disk_is_refused_with_the_reason_and_stores_nothing(
     assert client.post("/webhook", json=event).status_code == 200
     assert runtime.jobs.wait_idle(60)
     assert runtime.store.load(str(PROJECT)).reference_source["annotation_id"] == 100
+
+
+# ---------------------------------------------------------------------------------------------
+# Images of any aspect ratio, down to one pixel wide or high
+# ---------------------------------------------------------------------------------------------
+
+THIN_SIZES = [(20, 20_000), (20_000, 20), (1, 3_000), (3_000, 1), (1, 1)]
+"""(H, W): panoramas and line scans, thin enough that SAM's resize rounds a side below 1."""
+
+
+@pytest.mark.parametrize("reference_size", [(20, 20_000), (20_000, 20), (1, 3_000)])
+def test_images_of_any_aspect_ratio_are_references_and_predicted(
+    make_runtime, fake_ls, reference_size
+):
+    runtime = make_runtime()
+    client = create_app(runtime).test_client()
+    assert client.post("/setup", json=setup_body(fake_ls.url)).status_code == 200
+    height, width = reference_size
+    mask = np.zeros(reference_size, dtype=bool)
+    mask[: max(1, height // 2), : max(1, width // 2)] = True
+    url = fake_ls.add_image(
+        PROJECT, "thin-ref.png", png_bytes(scene(1, reference_size, (0, 0, 1, 1)))
+    )
+    event = annotation_event(PROJECT, 100, 1, url, [brush_result(mask)])
+    assert client.post("/webhook", json=event).status_code == 200
+    assert runtime.jobs.wait_idle(60)
+    state = runtime.store.load(str(PROJECT))
+    assert state.last_error is None and state.reference is not None
+
+    tasks = []
+    for index, size in enumerate(THIN_SIZES):
+        image_url = fake_ls.add_image(
+            PROJECT, f"thin-{index}.png", png_bytes(scene(2, size, (0, 0, 1, 1)))
+        )
+        tasks.append({"id": 10 + index, "data": {"image": image_url}})
+    answer = client.post("/predict", json=predict_body(tasks))
+    assert answer.status_code == 200, answer.get_json()
+    assert "errors" not in answer.get_json(), answer.get_json()["errors"]
+    assert len(answer.get_json()["results"]) == len(THIN_SIZES)
+    for entry, (height, width) in zip(answer.get_json()["results"], THIN_SIZES, strict=True):
+        for result in entry["result"]:
+            assert (result["original_height"], result["original_width"]) == (height, width)
