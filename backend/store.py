@@ -519,7 +519,9 @@ class SQLiteStore:
         now = time.time()
         try:
             with self._transaction() as conn:
-                conn.execute("DELETE FROM locks WHERE name = ? AND expires_at < ?", (name, now))
+                # Every expired lock goes, not only this one: claims (``backend.prediction``)
+                # name one lock per posted task, which nothing else would remove.
+                conn.execute("DELETE FROM locks WHERE expires_at < ?", (now,))
                 inserted = conn.execute(
                     "INSERT OR IGNORE INTO locks (name, token, expires_at) VALUES (?, ?, ?)",
                     (name, token, now + ttl),

@@ -364,8 +364,11 @@ class FlakyLabelStudio:
     prediction posts answer 503, and the next ``lose_answers`` posts are stored yet answered
     502 (the answer lost on the way back)."""
 
-    def __init__(self, fail_posts: int = 0, lose_answers: int = 0):
+    def __init__(self, fail_posts: int = 0, lose_answers: int = 0, hold_posts: float = 0.0):
         self.fail_posts, self.lose_answers = fail_posts, lose_answers
+        self.hold_posts = hold_posts
+        """Seconds each post is held before it is stored (longer than a client's timeout: the
+        client gives up, and the prediction is stored afterwards all the same)."""
         self.stored: list[dict] = []
         self.post_times: list[float] = []
         self.files: dict[str, bytes] = {}
@@ -389,6 +392,7 @@ class FlakyLabelStudio:
 
         @app.post("/api/predictions/")
         def posted():
+            time.sleep(self.hold_posts)
             with self._lock:
                 self.post_times.append(time.monotonic())
                 if not authorized():
@@ -466,6 +470,55 @@ def test_a_client_error_is_not_retried(flaky_ls):
     with pytest.raises(LabelStudioAPIError, match="401"):
         api.post_prediction(7, [], 0.5, "oneshot-abc")
     assert len(ls.post_times) == 1
+
+
+def test_a_post_held_past_the_timeout_then_stored_is_found_not_posted_again(flaky_ls):
+    ls = flaky_ls(hold_posts=1.0)
+    api = LabelStudioAPI(ls.url, API_TOKEN, timeout=0.3, retries=6, backoff=0.1)
+
+    answer = api.post_prediction(7, [], 0.5, "oneshot-abc")
+
+    assert len(ls.post_times) == 1  # the timed-out post was never repeated...
+    assert [p["task"] for p in ls.stored] == [7]  # ...and is the one stored
+    assert answer["id"] == ls.stored[0]["id"]
+
+
+def test_a_post_held_longer_than_every_recheck_fails_and_is_still_stored_once(flaky_ls):
+    ls = flaky_ls(hold_posts=2.0)
+    api = LabelStudioAPI(ls.url, API_TOKEN, timeout=0.3, retries=2, backoff=0.05)
+
+    with pytest.raises(LabelStudioAPIError, match="not sent again") as caught:
+        api.post_prediction(7, [], 0.5, "oneshot-abc")
+
+    assert caught.value.maybe_done
+    wait_until(lambda: len(ls.stored) == 1, timeout=10)
+    time.sleep(0.3)
+    assert len(ls.post_times) == 1 and len(ls.stored) == 1
+
+
+def test_a_second_run_while_label_studio_holds_the_first_post_does_not_post(make_runtime, flaky_ls):
+    ls = flaky_ls(hold_posts=1.5)
+    runtime = make_runtime(FETCH_TIMEOUT="0.5", POST_RETRIES="1", POST_RETRY_BACKOFF="0.05")
+    client = create_app(runtime).test_client()
+    ls.files["/data/upload/31/ref.png"] = png_bytes(scene(0))
+    ls.files["/data/upload/31/t.png"] = png_bytes(scene(1))
+    client.post("/setup", json=setup_body(ls.url))
+    client.post("/webhook", json=event_for("/data/upload/31/ref.png", FIRST_BOX))
+    assert runtime.jobs.wait_idle(60)
+    task = {"id": 40, "data": {"image": "/data/upload/31/t.png"}}
+    model = OneShotModel(project_id=PROJECT, runtime=runtime)
+
+    first = threading.Thread(target=model.predict_and_post, args=([task],))
+    first.start()
+    wait_until(lambda: len(ls.post_times) == 1)
+    second = model.predict_and_post([task])  # a rerun: the held post is not listed yet
+    first.join(30)
+
+    assert second == 0
+    wait_until(lambda: len(ls.stored) == 1, timeout=10)
+    time.sleep(0.3)
+    assert len(ls.post_times) == 1 and [p["task"] for p in ls.stored] == [40]
+    assert runtime.metrics.predictions_posted.value("already_posted") == 1
 
 
 def _closed_port() -> int:
