@@ -198,6 +198,9 @@ class Settings:
     (Label Studio gives up after 100 s)."""
     train_debounce: float = 2.0
     """Seconds a training waits for further events, so a burst of corrections trains once."""
+    train_retry_delay: float = 60.0
+    """Seconds after a training that could not load some annotations (their image could not be
+    downloaded) before it runs again for them; repeated until every one is learned."""
     max_concurrent_inference: int = 1
     """Images segmented at the same time by one process (bounds GPU / CPU memory)."""
     train_lock_ttl: float = 60.0
@@ -292,6 +295,7 @@ class Settings:
                 env, "PREDICT_TIME_BUDGET", cls.predict_time_budget, float, 0.0
             ),
             train_debounce=_number(env, "TRAIN_DEBOUNCE", cls.train_debounce, float, 0.0),
+            train_retry_delay=_number(env, "TRAIN_RETRY_DELAY", cls.train_retry_delay, float, 0.1),
             max_concurrent_inference=_number(
                 env, "MAX_CONCURRENT_INFERENCE", cls.max_concurrent_inference, int, 1
             ),

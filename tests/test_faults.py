@@ -777,3 +777,41 @@ def test_images_of_any_aspect_ratio_are_references_and_predicted(
     for entry, (height, width) in zip(answer.get_json()["results"], THIN_SIZES, strict=True):
         for result in entry["result"]:
             assert (result["original_height"], result["original_width"]) == (height, width)
+
+
+# ---------------------------------------------------------------------------------------------
+# A correction whose image cannot be downloaded during its training
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_correction_whose_download_fails_stays_pending_and_is_learned_once_it_recovers(
+    make_runtime, fake_ls
+):
+    runtime = make_runtime(TRAIN_RETRY_DELAY="0.3")
+    client = create_app(runtime).test_client()
+    assert client.post("/setup", json=setup_body(fake_ls.url)).status_code == 200
+    reference_url = fake_ls.add_image(PROJECT, "ref.png", png_bytes(scene(0)))
+    assert client.post("/webhook", json=event_for(reference_url, FIRST_BOX)).status_code == 200
+    assert runtime.jobs.wait_idle(60)
+    # The correction's image is not there yet (Label Studio answers 404 for it).
+    missing = f"/data/upload/{PROJECT}/later.png"
+    correction = annotation_event(
+        PROJECT, 101, 2, missing, [brush_result(square_mask(box=UPDATED_BOX))]
+    )
+    assert client.post("/webhook", json=correction).status_code == 200
+    assert runtime.jobs.wait_idle(60)
+
+    state = runtime.store.load(str(PROJECT))
+    assert "annotation:101" not in state.applied_examples  # pending, not marked applied
+    assert "annotation:101" in (state.last_error or "")  # and the failure is reported
+    assert "annotation:101" in runtime.store.examples(str(PROJECT))
+
+    fake_ls.add_image(PROJECT, "later.png", png_bytes(scene(2)))  # Label Studio is back
+    # No new event: the scheduled retry learns it.
+    wait_until(
+        lambda: "annotation:101" in runtime.store.load(str(PROJECT)).applied_examples, timeout=30
+    )
+    assert runtime.jobs.wait_idle(60)
+    state = runtime.store.load(str(PROJECT))
+    assert state.last_error is None
+    assert state.learned["examples"] == 2  # the reference's annotation and the correction
