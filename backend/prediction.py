@@ -44,9 +44,6 @@ def predict(project: ProjectContext, tasks: list[dict], context: dict | None = N
         return predict_interactive(project, tasks, context, schema, state)
     if not tasks:
         return {"results": [], "model_version": state.model_version}
-    if project.label_config and state.label_config is None:
-        # Background jobs read the config from the store (normally /setup put it there).
-        state = project.record_label_config()
     if state.reference is None:
         log.info(
             "project %s has no reference yet: %d empty prediction(s); submit one annotation "
@@ -57,6 +54,11 @@ def predict(project: ProjectContext, tasks: list[dict], context: dict | None = N
         project.metrics.tasks_predicted.inc("no_reference", amount=len(tasks))
         empty = {"result": [], "score": 0.0, "model_version": WAITING_VERSION}
         return {"results": [dict(empty) for _ in tasks], "model_version": WAITING_VERSION}
+    if project.label_config and state.label_config is None:
+        # Background jobs read the config from the store (normally /setup put it there). Only
+        # for a project with a reference: a /predict must not create a project that was never
+        # set up.
+        state = project.record_label_config()
     return predict_batch(project, tasks, schema, state)
 
 

@@ -690,3 +690,9 @@ def test_results_without_sizes_are_refused_before_anything_is_stored(fuzzed, res
     assert fuzzed.check("/webhook", fuzzed.fill(body)) == 400
     assert "annotation:600" not in fuzzed.runtime.store.examples(str(PROJECT))
     assert fuzzed.background == []  # no training requested either
+
+
+def test_predict_for_a_project_never_set_up_writes_nothing(fuzzed):
+    body = {"project": "55.1", "label_config": LABEL_CONFIG, "tasks": [{"id": 1, "data": {}}]}
+    assert fuzzed.check("/predict", json.dumps(body)) == 200
+    assert "55" not in fuzzed.runtime.store.projects()
