@@ -815,3 +815,24 @@ def test_a_correction_whose_download_fails_stays_pending_and_is_learned_once_it_
     state = runtime.store.load(str(PROJECT))
     assert state.last_error is None
     assert state.learned["examples"] == 2  # the reference's annotation and the correction
+
+
+@pytest.mark.parametrize("mode", ["persam", "matcher"])
+def test_the_engine_segments_images_of_any_aspect_ratio_in_both_modes(model_dir, mode):
+    from matcher_core import OneShotSegmenter, tiny_config
+
+    engine = OneShotSegmenter(
+        tiny_config(model_dir=str(model_dir), mode=mode, score_threshold=0.0, min_instance_area=1)
+    )
+    # A 1-pixel-high input still has embedding cells on the image (PerSAM looks only there).
+    from matcher_core import persam
+
+    assert persam.valid_cells(engine.decoder, (1, engine.decoder.img_size))[0].any()
+    for reference_size in [(20, 20_000), (1, 3_000), (3_000, 1)]:
+        mask = np.zeros(reference_size, dtype=bool)
+        mask[: max(1, reference_size[0] // 2), : max(1, reference_size[1] // 2)] = True
+        image = scene(1, reference_size, (0, 0, 1, 1))
+        reference = engine.build_reference([Example(image=image, masks={"Cat": [mask]})])
+        for size in THIN_SIZES:
+            for instance in engine.segment(reference, scene(2, size, (0, 0, 1, 1))):
+                assert instance.mask.shape == size
