@@ -16,8 +16,9 @@ set. Errors are JSON ``{"error": message, "status": code}``: 4xx for bad input (
 hit), 503 when the state store is unreachable, 507 when a project is over its storage cap, 500 for
 bugs; a request never takes the server down, and a refused request writes nothing.
 
-Bodies are checked before any handler sees them: at most ``MAX_REQUEST_BYTES``, valid JSON, an
-object, nested at most ``MAX_JSON_DEPTH`` deep, and the fields each route reads of the right type.
+Bodies are checked before any handler sees them: at most ``MAX_REQUEST_BYTES`` (with a
+``Content-Length`` or chunked), valid JSON, an object, nested at most ``MAX_JSON_DEPTH`` deep,
+valid Unicode text (no lone surrogates), and the fields each route reads of the right type.
 """
 
 from __future__ import annotations
