@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
 
 from .settings import redact_url
@@ -61,6 +62,10 @@ class Jobs(Protocol):
     def submit_predictions(self, project_id: str, tasks: list[dict]) -> list[str]:
         """Predict ``tasks`` in the background and post the predictions to Label Studio;
         returns job ids."""
+
+    def retry_training_later(self, project_id: str, delay: float) -> None:
+        """Request a training of ``project_id`` in ``delay`` seconds (annotations that could
+        not be loaded yet are tried again then)."""
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no job is queued or running (tests); False on timeout."""
@@ -260,6 +265,7 @@ class ThreadJobs:
         self._lock = threading.Condition()
         self._pending_predictions = 0
         self._predict_pool = ThreadPoolExecutor(1, thread_name_prefix="oneshot-predict")
+        self._retries: dict[str, threading.Timer] = {}
 
     def request_training(self, project_id: str, full: bool = False) -> None:
         mark_training_requested(self.runtime.store, project_id)
@@ -276,6 +282,25 @@ class ThreadJobs:
             name=f"oneshot-train-{project_id}",
             daemon=True,
         ).start()
+
+    def retry_training_later(self, project_id: str, delay: float) -> None:
+        with self._lock:
+            previous = self._retries.pop(project_id, None)
+            if previous is not None:
+                previous.cancel()  # one pending retry per project: the latest delay counts
+            timer = threading.Timer(delay, self._retry, args=(project_id,))
+            timer.daemon = True
+            timer.name = f"oneshot-retry-{project_id}"
+            self._retries[project_id] = timer
+        timer.start()
+
+    def _retry(self, project_id: str) -> None:
+        with self._lock:
+            self._retries.pop(project_id, None)
+        try:
+            self.request_training(project_id)
+        except Exception:  # a timer thread has nobody to raise to
+            log.exception("retrying the training of project %s failed", project_id)
 
     def _train_loop(self, project_id: str) -> None:
         while True:
@@ -332,6 +357,10 @@ class ThreadJobs:
         return True
 
     def shutdown(self) -> None:
+        with self._lock:
+            for timer in self._retries.values():
+                timer.cancel()
+            self._retries.clear()
         self._predict_pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -350,6 +379,13 @@ def rq_train(project_id: str) -> None:
     # Clear the flag before reading anything: a request arriving from now on enqueues a new job.
     store.release_lock(_requested_key(project_id))
     train_with_project_lock(runtime, project_id, _pop_flag(store, _full_key(project_id)))
+
+
+def rq_retry_training(project_id: str) -> None:
+    """RQ scheduled job: request a training again (see :meth:`RQJobs.retry_training_later`)."""
+    from .runtime import get_runtime
+
+    get_runtime().jobs.request_training(project_id)
 
 
 def rq_predict(project_id: str, tasks: list[dict]) -> None:
@@ -402,6 +438,16 @@ class RQJobs:
         except Exception:
             store.release_lock(_requested_key(project_id))
             raise
+
+    def retry_training_later(self, project_id: str, delay: float) -> None:
+        # Scheduled jobs need a worker started with --with-scheduler (docker-compose.yml).
+        with self._queue_errors("scheduling a training retry"):
+            self.queue.enqueue_in(
+                timedelta(seconds=delay),
+                rq_retry_training,
+                project_id,
+                job_id=f"retry-{project_id}-{uuid.uuid4().hex[:12]}",
+            )
 
     def training_pending(self, project_id: str) -> bool:
         # The requested flag is set from the enqueue until the job starts.

@@ -4,12 +4,16 @@ Authentication follows Label Studio 1.23: a legacy token goes as ``Authorization
 a personal access token (a JWT refresh token) is exchanged at ``POST /api/token/refresh/`` for a
 short-lived access token sent as ``Bearer`` (the personal token itself gets 401).
 
-Posting predictions survives an unreachable or overloaded Label Studio without duplicates:
-:meth:`LabelStudioAPI.post_prediction` retries on no answer, 408, 429 and 5xx with exponential
-backoff (bounded), and before every attempt lists the task's predictions
-(``GET /api/predictions/?task=<id>``): one of the same ``model_version`` already there (an earlier
-attempt whose answer was lost, or an earlier run of the same job) is returned instead of posting
-again.
+Posting predictions survives an unreachable or overloaded Label Studio without duplicates, under
+any timing. :meth:`LabelStudioAPI.post_prediction` first lists the task's predictions
+(``GET /api/predictions/?task=<id>``) and returns one of the same ``model_version`` if there is
+one. It posts again only after an answer that says nothing was stored (no connection, 408, 429,
+503). Once a post has been *sent* and its fate is unknown (no answer in time, the connection
+dropped, 500, 502, 504), Label Studio may still store it at any later moment, so no second post
+is ever sent: the attempts left only list the task's predictions again (waiting in between),
+and if the prediction never shows up the call fails saying so. At most once, never twice: a
+prediction lost that way is computed again when Label Studio next asks ``/predict`` for the
+task. (Across job runs and processes, ``backend.prediction`` adds a claim in the state store.)
 
 Error messages never contain the token (it only travels in the ``Authorization`` header).
 """
@@ -24,6 +28,7 @@ import threading
 import time
 
 import requests
+import urllib3
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +36,36 @@ ACCESS_TOKEN_LIFETIME = 240.0
 """Seconds an exchanged access token is reused (Label Studio issues them for 5 minutes)."""
 RETRY_STATUSES = frozenset({0, 408, 429, 500, 502, 503, 504})
 """Outcomes worth retrying: no answer (0), timeouts, rate limiting, server errors."""
+MAYBE_DONE_STATUSES = frozenset({500, 502, 504})
+"""Answers after which a request may have been carried out all the same (a crash after the
+write, a proxy that lost the upstream's answer)."""
 MAX_BACKOFF = 60.0
 
 
 class LabelStudioAPIError(RuntimeError):
     """A Label Studio API call failed; ``status`` is the HTTP status (0: no answer)."""
 
-    def __init__(self, message: str, status: int = 0):
+    def __init__(self, message: str, status: int = 0, sent: bool = True):
         super().__init__(message)
         self.status = status
+        self.sent = sent
+        """False only when the request certainly never reached Label Studio (no connection)."""
+
+    @property
+    def maybe_done(self) -> bool:
+        """Whether Label Studio may have carried the request out despite this error."""
+        return (self.status == 0 and self.sent) or self.status in MAYBE_DONE_STATUSES
+
+
+def _never_sent(error: requests.RequestException) -> bool:
+    """Whether ``error`` happened before the request left (no connection was made)."""
+    if isinstance(error, requests.ConnectTimeout):
+        return True
+    reason = getattr(error.args[0], "reason", None) if error.args else None
+    return isinstance(error, requests.ConnectionError) and isinstance(
+        reason or (error.args[0] if error.args else None),
+        (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError),
+    )
 
 
 def jwt_token_type(token: str) -> str | None:
@@ -121,7 +147,7 @@ class LabelStudioAPI:
             )
         except requests.RequestException as error:
             raise LabelStudioAPIError(
-                f"Label Studio at {self.hostname} unreachable: {error}"
+                f"Label Studio at {self.hostname} unreachable: {error}", sent=not _never_sent(error)
             ) from (error)
         if response.status_code >= 400:
             raise LabelStudioAPIError(
@@ -159,40 +185,70 @@ class LabelStudioAPI:
     def post_prediction(
         self, task_id: int, result: list[dict], score: float, model_version: str
     ) -> dict:
-        """Store one prediction on a task (``POST /api/predictions/``), exactly once.
+        """Store one prediction on a task (``POST /api/predictions/``), at most once.
 
-        Each attempt first looks for a prediction of ``model_version`` on the task and returns it
-        if there is one, so retries (and reruns of a background job) never store a duplicate.
-        Retryable failures are retried ``retries`` times, waiting ``backoff`` seconds, then twice
-        that, and so on (with +-25 % jitter, so many workers do not retry in step).
+        Returns a prediction of ``model_version`` already on the task instead of posting. A post
+        refused before anything was stored is retried; once one was sent without a clear answer
+        the attempts left only look for it (see the module docstring). Waits ``backoff`` seconds,
+        then twice that, and so on (+-25 % jitter, so many workers do not retry in step).
 
         Raises:
-            LabelStudioAPIError: a non-retryable answer (4xx), or the last retryable failure.
+            LabelStudioAPIError: a non-retryable answer (4xx), the last retryable failure, or a
+                post whose fate stayed unknown (``maybe_done``: it was not sent again).
         """
         body = {"task": task_id, "result": result, "score": score, "model_version": model_version}
+        unknown: LabelStudioAPIError | None = None  # a sent post whose answer never came
+        last: LabelStudioAPIError | None = None
         for attempt in range(self.retries + 1):
             try:
-                for existing in self.predictions(task_id):
-                    if existing.get("model_version") == model_version:
-                        log.info(
-                            "task %s already has a prediction of %s; not posted again",
-                            task_id,
-                            model_version,
-                        )
-                        return existing
-                return self._send("POST", "/api/predictions/", json=body)
+                existing = self.existing_prediction(task_id, model_version)
+                if existing is not None:
+                    return existing
+                if unknown is None:
+                    return self._send("POST", "/api/predictions/", json=body)
             except LabelStudioAPIError as error:
-                if error.status not in RETRY_STATUSES or attempt == self.retries:
+                if error.status not in RETRY_STATUSES:
                     raise
-                delay = min(self.backoff * 2**attempt, MAX_BACKOFF)
-                delay *= random.uniform(0.75, 1.25)
-                log.warning(
-                    "posting the prediction of task %s failed (%s); retry %d/%d in %.1f s",
+                last = error
+                if error.maybe_done and unknown is None:
+                    unknown = error
+                if attempt == self.retries:
+                    break
+                self._wait(attempt, task_id, error)
+                continue
+            if attempt < self.retries:  # sent earlier, not listed yet: wait, look again
+                self._wait(attempt, task_id, unknown)
+        if unknown is None:
+            assert last is not None  # every attempt without an error returned
+            raise last
+        raise LabelStudioAPIError(
+            f"the prediction of task {task_id} was sent but Label Studio never confirmed it "
+            f"({unknown}); not sent again, so that it cannot be stored twice",
+            status=unknown.status,
+        )
+
+    def existing_prediction(self, task_id: int, model_version: str) -> dict | None:
+        """The task's prediction of ``model_version``, if Label Studio holds one."""
+        for existing in self.predictions(task_id):
+            if existing.get("model_version") == model_version:
+                log.info(
+                    "task %s already has a prediction of %s; not posted again",
                     task_id,
-                    error,
-                    attempt + 1,
-                    self.retries,
-                    delay,
+                    model_version,
                 )
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+                return existing
+        return None
+
+    def _wait(self, attempt: int, task_id: int, error: Exception) -> None:
+        """Sleep before attempt ``attempt + 1`` (exponential backoff with jitter)."""
+        delay = min(self.backoff * 2**attempt, MAX_BACKOFF)
+        delay *= random.uniform(0.75, 1.25)
+        log.warning(
+            "posting the prediction of task %s: %s; attempt %d/%d in %.1f s",
+            task_id,
+            error,
+            attempt + 2,
+            self.retries + 1,
+            delay,
+        )
+        time.sleep(delay)

@@ -13,8 +13,9 @@ from matcher_core import Instance, Reference
 from .errors import TASK_INPUT_ERRORS, BadRequest, LimitExceeded
 from .jobs import resume_stalled_training
 from .labelstudio import LabelingSchema, instances_to_results, interactive_prompts, task_score
+from .ls_api import LabelStudioAPI, LabelStudioAPIError
 from .project import ProjectContext
-from .store import WAITING_VERSION, ProjectState, StoreError
+from .store import WAITING_VERSION, ProjectState, StoreError, key_part
 
 log = logging.getLogger("oneshot.model")
 
@@ -43,9 +44,6 @@ def predict(project: ProjectContext, tasks: list[dict], context: dict | None = N
         return predict_interactive(project, tasks, context, schema, state)
     if not tasks:
         return {"results": [], "model_version": state.model_version}
-    if project.label_config and state.label_config is None:
-        # Background jobs read the config from the store (normally /setup put it there).
-        state = project.record_label_config()
     if state.reference is None:
         log.info(
             "project %s has no reference yet: %d empty prediction(s); submit one annotation "
@@ -56,6 +54,11 @@ def predict(project: ProjectContext, tasks: list[dict], context: dict | None = N
         project.metrics.tasks_predicted.inc("no_reference", amount=len(tasks))
         empty = {"result": [], "score": 0.0, "model_version": WAITING_VERSION}
         return {"results": [dict(empty) for _ in tasks], "model_version": WAITING_VERSION}
+    if project.label_config and state.label_config is None:
+        # Background jobs read the config from the store (normally /setup put it there). Only
+        # for a project with a reference: a /predict must not create a project that was never
+        # set up.
+        state = project.record_label_config()
     return predict_batch(project, tasks, schema, state)
 
 
@@ -220,6 +223,50 @@ def predict_interactive(
     return {"results": [entry], "model_version": state.model_version}
 
 
+POST_CLAIM_TTL = 24 * 3600.0
+"""Seconds a claim to post a (task, model version) prediction is kept: past it, the listing of the
+task's predictions that every post starts with is what prevents a duplicate."""
+
+
+def post_claim_name(project_id: str, task_id: Any, model_version: str) -> str:
+    """The store lock that claims posting ``model_version``'s prediction of a task."""
+    return f"posted:{project_id}:{key_part(task_id, 'task id')}:{model_version}"
+
+
+def post_once(
+    project: ProjectContext, api: LabelStudioAPI, task_id: Any, entry: dict
+) -> dict | None:
+    """Post ``entry`` on the task unless another attempt claimed it first; returns Label Studio's
+    prediction, or None when it was claimed elsewhere.
+
+    The claim (a store lock, shared by the processes and machines on one store) is taken before
+    posting: a rerun of the job or a concurrent worker, arriving while Label Studio still holds
+    the first post unstored, cannot see that post in the task's list, but sees the claim. A post
+    that certainly stored nothing gives the claim back, so a later run may post; one whose fate
+    is unknown keeps it (see ``backend.ls_api``: at most once).
+
+    Raises:
+        LabelStudioAPIError, InvalidKey: the post failed, or the task id cannot name a claim.
+    """
+    store = project.store
+    name = post_claim_name(project.require_project_id(), task_id, entry["model_version"])
+    if store.acquire_lock(name, POST_CLAIM_TTL) is None:
+        log.info(
+            "project %s task %s: a prediction of %s was already posted or is being posted; "
+            "not posted again",
+            project.project_id,
+            task_id,
+            entry["model_version"],
+        )
+        return None
+    try:
+        return api.post_prediction(task_id, entry["result"], entry["score"], entry["model_version"])
+    except LabelStudioAPIError as error:
+        if not error.maybe_done:
+            store.release_lock(name)
+        raise
+
+
 def predict_and_post(project: ProjectContext, tasks: list[dict]) -> int:
     """Background: predict ``tasks`` and store each prediction in Label Studio
     (``POST /api/predictions/``). Returns how many were posted; a failing task is counted
@@ -236,7 +283,9 @@ def predict_and_post(project: ProjectContext, tasks: list[dict]) -> int:
     for task in tasks:
         try:
             entry = predict_task(project, task, schema, state, reference)
-            api.post_prediction(task["id"], entry["result"], entry["score"], entry["model_version"])
+            if post_once(project, api, task["id"], entry) is None:
+                metrics.predictions_posted.inc("already_posted")
+                continue
         except StoreError:
             raise
         except Exception as error:  # one failing task must not stop the others

@@ -16,25 +16,26 @@ set. Errors are JSON ``{"error": message, "status": code}``: 4xx for bad input (
 hit), 503 when the state store is unreachable, 507 when a project is over its storage cap, 500 for
 bugs; a request never takes the server down, and a refused request writes nothing.
 
-Bodies are checked before any handler sees them: at most ``MAX_REQUEST_BYTES``, valid JSON, an
-object, nested at most ``MAX_JSON_DEPTH`` deep, and the fields each route reads of the right type.
+Bodies are checked before any handler sees them: at most ``MAX_REQUEST_BYTES`` (with a
+``Content-Length`` or chunked), valid JSON, an object, nested at most ``MAX_JSON_DEPTH`` deep,
+valid Unicode text (no lone surrogates), and the fields each route reads of the right type.
 """
 
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import logging
 import sys
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .runtime import Runtime, get_runtime
-from .settings import Settings
+from .settings import Settings, check_base_url
 from .store import StoreError
 
 log = logging.getLogger("oneshot.server")
@@ -101,6 +102,60 @@ def nesting_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
+def lone_surrogate_in(value: Any) -> str | None:
+    """The first string (key or value) in ``value`` that is not valid Unicode text (JSON's
+    ``"\\ud800"`` escapes decode to lone UTF-16 surrogates, which no UTF-8 store key, database
+    or log can hold), shown escaped; ``None`` when every string is valid. Iterative, like
+    :func:`nesting_exceeds`."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return ascii(node[:40])
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
+STREAM_CHUNK = 1 << 20
+
+
+def buffer_streamed_body(environ: dict, limit: int) -> None:
+    """Read a body that arrives without a ``Content-Length`` (``Transfer-Encoding: chunked``)
+    into memory, counting its bytes, so it meets the same ``MAX_REQUEST_BYTES`` as one with a
+    length: Werkzeug would silently cut such a stream at the limit and hand on the first part.
+
+    Only servers that end the stream themselves (``wsgi.input_terminated``: gunicorn, Werkzeug
+    for chunked requests) are read; on others a length-less body stays unread, as before.
+
+    Raises:
+        RequestEntityTooLarge: more than ``limit`` bytes arrived (the rest is left unread; the
+            answer closes the connection).
+    """
+    if environ.get("CONTENT_LENGTH") or not environ.get("wsgi.input_terminated"):
+        return
+    stream = environ["wsgi.input"]
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = stream.read(min(STREAM_CHUNK, limit + 1 - size))
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise RequestEntityTooLarge()
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    environ["wsgi.input"] = io.BytesIO(data)
+    environ["CONTENT_LENGTH"] = str(len(data))
+
+
 def _json_body(max_depth: int) -> dict:
     """The request's JSON object.
 
@@ -123,6 +178,10 @@ def _json_body(max_depth: int) -> dict:
         raise BadRequest(f"request body must be a JSON object, not {type(body).__name__}")
     if nesting_exceeds(body, max_depth):
         raise too_deep
+    bad_text = lone_surrogate_in(body)
+    if bad_text is not None:
+        # Refused once here rather than in every handler a string can reach.
+        raise BadRequest(f"request body holds text that is not valid Unicode: {bad_text}")
     return body
 
 
@@ -152,13 +211,11 @@ def _optional_url(body: dict, key: str) -> str | None:
     if not value:
         return None
     try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise BadRequest(f"'{key}' must be an http(s) URL, got {value[:100]!r}")
-    return value
+        return check_base_url(value)
+    except ValueError as error:
+        raise BadRequest(
+            f"'{key}' must be an http(s) URL of a host, got {ascii(value[:100])}: {error}"
+        ) from None
 
 
 def create_app(runtime: Runtime | None = None) -> Flask:
@@ -185,12 +242,16 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     @app.before_request
     def start_request() -> Any:
         g.started = time.perf_counter()
-        if request.path in PUBLIC_ROUTES or not settings.auth_enabled:
+        if request.path in PUBLIC_ROUTES:
+            return None
+        if not settings.auth_enabled:
+            buffer_streamed_body(request.environ, settings.max_request_bytes)
             return None
         if not _credentials_match(settings):
             response, status = _error(401, "authentication required (HTTP basic auth)")
             response.headers["WWW-Authenticate"] = 'Basic realm="oneshot-backend"'
             return response, status
+        buffer_streamed_body(request.environ, settings.max_request_bytes)
         return None
 
     @app.after_request
@@ -228,6 +289,11 @@ def create_app(runtime: Runtime | None = None) -> Flask:
                 f"request body larger than the limit of {settings.max_request_bytes} bytes "
                 "(MAX_REQUEST_BYTES)"
             )
+            response, status = _error(413, message)
+            # The rest of the body is still on the wire: a reused connection would read it as
+            # the next request (and answer nothing). Closing is what the client can rely on.
+            response.headers["Connection"] = "close"
+            return response, status
         return _error(error.code or 500, message)
 
     @app.errorhandler(Exception)

@@ -7,8 +7,10 @@ replaces both by tiny randomly initialised models for smoke runs and tests.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit, urlunsplit
@@ -81,6 +83,67 @@ def redact_url(url: str | None) -> str | None:
     return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
 
 
+DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+"""A DNS label; `_` too, as Docker service names (`label_studio`) resolve with it."""
+URL_PATH = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@/%-]*$")
+
+
+def _check_host(host: str) -> None:
+    """Raise ValueError unless ``host`` is a DNS name, a dotted-quad IPv4 or an IPv6 address."""
+    if host.startswith("[") and host.endswith("]"):
+        ipaddress.IPv6Address(host[1:-1])  # raises ValueError
+        return
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or not all(DNS_LABEL.match(label) for label in labels):
+        raise ValueError(f"{host!r} is not a host name")
+    if labels[-1].isdigit():
+        # All-digit last label: only a full dotted quad (resolvers read "1.2.3" or a 5-part
+        # address in ways that differ; refuse rather than guess).
+        ipaddress.IPv4Address(host)
+
+
+def check_base_url(url: str) -> str:
+    """``url`` as a usable base URL of Label Studio: ``http(s)://host[:port][/path]``.
+
+    The one parser of the Label Studio address, for ``LABEL_STUDIO_URL`` and ``/setup``'s
+    ``hostname``: what it passes, every download and API call can use (so a bad one is refused
+    at once, not stored to fail every later download).
+
+    Raises:
+        ValueError: another scheme; a host that is not a DNS name, a dotted-quad IPv4 or a
+            bracketed IPv6 address (spaces, control characters, ``%``-escapes); a port outside
+            1-65535; user info, a query or a fragment; a path with characters URLs escape.
+    """
+    if any(char.isspace() or ord(char) < 32 or ord(char) == 127 for char in url):
+        raise ValueError("it holds a space or a control character")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("the scheme must be http or https")
+    netloc = parts.netloc
+    if not netloc or "@" in netloc:
+        raise ValueError("it needs a host, without user info")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError("a base URL takes no query or fragment")
+    host, port = netloc, None
+    if netloc.startswith("["):
+        end = netloc.find("]")
+        if end < 0:
+            raise ValueError("an unclosed [IPv6] address")
+        host, rest = netloc[: end + 1], netloc[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"text after the address: {rest!r}")
+            port = rest[1:]
+    elif ":" in netloc:
+        host, port = netloc.rsplit(":", 1)
+    _check_host(host)
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"port {port!r} is not 1-65535")
+    if not URL_PATH.match(parts.path) or re.search(r"%(?![0-9A-Fa-f]{2})|%00", parts.path):
+        raise ValueError("the path holds characters a URL must escape")
+    return url
+
+
 @dataclass(frozen=True)
 class Settings:
     """The backend's configuration (see the README for what each choice costs)."""
@@ -135,6 +198,9 @@ class Settings:
     (Label Studio gives up after 100 s)."""
     train_debounce: float = 2.0
     """Seconds a training waits for further events, so a burst of corrections trains once."""
+    train_retry_delay: float = 60.0
+    """Seconds after a training that could not load some annotations (their image could not be
+    downloaded) before it runs again for them; repeated until every one is learned."""
     max_concurrent_inference: int = 1
     """Images segmented at the same time by one process (bounds GPU / CPU memory)."""
     train_lock_ttl: float = 60.0
@@ -183,6 +249,12 @@ class Settings:
         if log_format not in ("text", "json"):
             raise SettingsError(f"LOG_FORMAT={log_format!r}: use 'text' or 'json'")
         hosts = tuple(h.strip() for h in (_text(env, "ALLOWED_HOSTS", "") or "").split(",") if h)
+        label_studio_url = _text(env, "LABEL_STUDIO_URL")
+        if label_studio_url is not None:
+            try:
+                check_base_url(label_studio_url)
+            except ValueError as error:
+                raise SettingsError(f"LABEL_STUDIO_URL={label_studio_url!r}: {error}") from None
         return cls(
             sam_model_type=_text(env, "SAM_MODEL_TYPE", defaults["sam_type"]),
             sam_checkpoint=_text(env, "SAM_CHECKPOINT"),
@@ -195,7 +267,7 @@ class Settings:
             preset=preset,
             redis_url=redis_url,
             jobs=jobs,
-            label_studio_url=_text(env, "LABEL_STUDIO_URL"),
+            label_studio_url=label_studio_url,
             label_studio_api_key=_text(env, "LABEL_STUDIO_API_KEY"),
             basic_auth_user=user,
             basic_auth_pass=password,
@@ -223,6 +295,7 @@ class Settings:
                 env, "PREDICT_TIME_BUDGET", cls.predict_time_budget, float, 0.0
             ),
             train_debounce=_number(env, "TRAIN_DEBOUNCE", cls.train_debounce, float, 0.0),
+            train_retry_delay=_number(env, "TRAIN_RETRY_DELAY", cls.train_retry_delay, float, 0.1),
             max_concurrent_inference=_number(
                 env, "MAX_CONCURRENT_INFERENCE", cls.max_concurrent_inference, int, 1
             ),

@@ -45,6 +45,48 @@ WAITING_VERSION = "oneshot-waiting"
 """Model version served before a project has a reference."""
 
 
+MAX_KEY_CHARS = 128
+"""Longest id accepted in a store key (Label Studio's ids are integers: a handful of digits)."""
+
+
+class InvalidKey(ValueError):
+    """A value that cannot name anything in the store (the message says why)."""
+
+
+def key_part(value: object, what: str = "id") -> str:
+    """``value`` (an int or a string) as text safe in a store key, a lock name or a log line.
+
+    The one check every id goes through before it names anything stored: SQLite and Redis take
+    keys as UTF-8, which a lone UTF-16 surrogate cannot be written in, and a NUL or another
+    control character would split or forge log lines and keys.
+
+    Raises:
+        InvalidKey: not an int or a string, empty, over ``MAX_KEY_CHARS`` characters, with a
+            control character, or not encodable as UTF-8.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InvalidKey(f"{what} {str(value)[:40]!r} is not an id")
+    text = str(value)
+    if not text or len(text) > MAX_KEY_CHARS:
+        raise InvalidKey(f"{what} must have 1 to {MAX_KEY_CHARS} characters, not {len(text)}")
+    if any(ord(char) < 32 or ord(char) == 127 for char in text):
+        raise InvalidKey(f"{what} {ascii(text[:40])} holds a control character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidKey(f"{what} {ascii(text[:40])} is not valid Unicode text") from None
+    return text
+
+
+def example_key(annotation_id: object) -> str:
+    """The store key of the example an annotation id names (``annotation:<id>``).
+
+    Raises:
+        InvalidKey: the id cannot name an example (see :func:`key_part`).
+    """
+    return f"annotation:{key_part(annotation_id, 'annotation id')}"
+
+
 class StoreError(RuntimeError):
     """The state store failed; nothing was written. ``http_status``: what a request that hit it
     answers."""
@@ -477,7 +519,9 @@ class SQLiteStore:
         now = time.time()
         try:
             with self._transaction() as conn:
-                conn.execute("DELETE FROM locks WHERE name = ? AND expires_at < ?", (name, now))
+                # Every expired lock goes, not only this one: claims (``backend.prediction``)
+                # name one lock per posted task, which nothing else would remove.
+                conn.execute("DELETE FROM locks WHERE expires_at < ?", (now,))
                 inserted = conn.execute(
                     "INSERT OR IGNORE INTO locks (name, token, expires_at) VALUES (?, ?, ?)",
                     (name, token, now + ttl),

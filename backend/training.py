@@ -21,7 +21,15 @@ from matcher_core.learning import learn as learn_from_corrections
 from .errors import TASK_INPUT_ERRORS
 from .labelstudio import LabelingSchema, annotation_to_masks
 from .project import ProjectContext
-from .store import WAITING_VERSION, LockLost, ProjectState, StoreError, StoreUnavailable
+from .store import (
+    WAITING_VERSION,
+    InvalidKey,
+    LockLost,
+    ProjectState,
+    StoreError,
+    StoreUnavailable,
+    example_key,
+)
 
 log = logging.getLogger("oneshot.model")
 
@@ -35,6 +43,9 @@ class TrainingExample:
     task: dict
     loader: Callable[[TrainingExample], Example] = field(repr=False)
     _loaded: Example | None = field(default=None, repr=False)
+    error: str | None = None
+    """Why the last :meth:`load` failed (None: it did not, or was not tried): such an example is
+    not learned, stays pending, and is tried again by a later training."""
 
     @property
     def annotation_id(self) -> int | str | None:
@@ -47,7 +58,12 @@ class TrainingExample:
             FetchError, ImageError, AnnotationError: the image or the annotation is unusable.
         """
         if self._loaded is None:
-            self._loaded = self.loader(self)
+            try:
+                self._loaded = self.loader(self)
+            except TASK_INPUT_ERRORS as error:
+                self.error = str(error)
+                raise
+            self.error = None
         return self._loaded
 
 
@@ -110,7 +126,12 @@ def sync_examples_from_label_studio(project: ProjectContext, state: ProjectState
         for annotation in task.get("annotations") or []:
             if annotation.get("was_cancelled") or not annotation.get("result"):
                 continue
-            fresh[f"annotation:{annotation['id']}"] = {
+            try:
+                key = example_key(annotation.get("id"))
+            except InvalidKey as error:
+                log.warning("project %s: annotation skipped: %s", project_id, error)
+                continue
+            fresh[key] = {
                 "annotation": {**annotation, "task": task.get("id")},
                 "task": {"id": task.get("id"), "data": task.get("data")},
                 "received_at": time.time(),
@@ -204,16 +225,23 @@ def train(
                 break
         pending = [e for e in examples if e.key not in applied and e.key not in failures]
         learned_something = False
-        if reference is not None and pending:
+        if reference is not None and any(loads(e) for e in list(pending)):
             usable = [e for e in examples if e.key not in failures]
             learned = learn(state, reference, usable)
             if learned is not None:
                 reference, learned_something = learned, True
-                applied += [e.key for e in pending]
+                # Only what loaded was learned: the rest stays pending for the retry.
+                applied += [e.key for e in pending if e.error is None]
     except Exception as error:
         training_failed(project, project_id, error, started, requested)
         raise
 
+    unlearned = {
+        **failures,
+        **{e.key: e.error for e in examples if e.error and e.key not in applied},
+    }
+    if unlearned:
+        schedule_retry(project, project_id, unlearned)
     if reference is None and failures:
         # Nothing usable now (Label Studio down, images failing): keep serving what we have.
         error = RuntimeError("no annotation could be used: " + "; ".join(failures.values()))
@@ -223,12 +251,15 @@ def train(
     if not rebuild and not learned_something:
         log.info("project %s: nothing new to learn (%d pending)", project_id, len(pending))
         metrics.trainings.inc("skipped")
-        return store.update(
-            project_id,
-            lambda current: request_served(current, requested),
-            reason="nothing to learn",
-            fence=fence,
-        )
+
+        def served(current: ProjectState) -> ProjectState | None:
+            if not unlearned:
+                return request_served(current, requested)
+            current.last_error = unlearned_error(unlearned)
+            request_served(current, requested)
+            return current
+
+        return store.update(project_id, served, reason="nothing to learn", fence=fence)
     if reference is not None:
         cap_shots(project, reference)
     version = model_version_of(reference, state.learned, project.settings.mode)
@@ -251,7 +282,7 @@ def train(
         current.applied_stamps = {key: received.get(key) for key in applied}
         current.model_version = version
         current.learned = state.learned
-        current.last_error = None
+        current.last_error = unlearned_error(unlearned)
         request_served(current, requested)
         return current
 
@@ -276,6 +307,42 @@ def train(
         version,
     )
     return new_state
+
+
+def loads(example: TrainingExample) -> bool:
+    """Whether ``example`` loads (its failure is kept in ``example.error``). Checked before
+    learning, so a retry whose examples still cannot be loaded does not relearn everything."""
+    try:
+        example.load()
+    except TASK_INPUT_ERRORS:
+        return False
+    return True
+
+
+def unlearned_error(unlearned: dict[str, str]) -> str | None:
+    """The ``last_error`` of a training that left ``unlearned`` (key -> why) pending."""
+    if not unlearned:
+        return None
+    reasons = "; ".join(f"{key}: {why}" for key, why in unlearned.items())
+    return f"{len(unlearned)} annotation(s) not learned yet, retried later: {reasons}"[:1000]
+
+
+def schedule_retry(project: ProjectContext, project_id: str, unlearned: dict[str, str]) -> None:
+    """Train again in ``TRAIN_RETRY_DELAY`` seconds: the examples that could not be loaded (their
+    image source unreachable, most often) are learned once it is back, with no new event."""
+    delay = project.settings.train_retry_delay
+    log.warning(
+        "project %s: %d annotation(s) could not be loaded (%s); training again in %g s "
+        "(TRAIN_RETRY_DELAY)",
+        project_id,
+        len(unlearned),
+        ", ".join(unlearned),
+        delay,
+    )
+    try:
+        project.runtime.jobs.retry_training_later(project_id, delay)
+    except Exception as error:  # the next event retries then; the training itself stands
+        log.error("project %s: cannot schedule the retry: %s", project_id, error)
 
 
 def request_served(state: ProjectState, requested: float | None) -> ProjectState | None:

@@ -11,14 +11,20 @@ from typing import Any
 import numpy as np
 
 from .errors import BadRequest, LimitExceeded, store_failure
-from .labelstudio import AnnotationError, LabelingSchema, annotation_to_masks
+from .labelstudio import (
+    MASK_CAPABLE_TYPES,
+    AnnotationError,
+    LabelingSchema,
+    annotation_to_masks,
+)
 from .project import ProjectContext, project_id_of
-from .store import ProjectState, StoreError
+from .store import InvalidKey, ProjectState, StoreError, example_key
 
 log = logging.getLogger("oneshot.model")
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 TRAINING_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+HANDLED_EVENTS = (*TRAINING_EVENTS, "ANNOTATIONS_DELETED", "START_TRAINING")
 
 
 def handle_webhook(project: ProjectContext, event: str | None, data: dict) -> dict:
@@ -33,10 +39,13 @@ def handle_webhook(project: ProjectContext, event: str | None, data: dict) -> di
     event = event or data.get("action")
     if not isinstance(event, str):
         raise BadRequest("webhook without 'action'")
-    project.metrics.webhooks.inc(event)
-    if event not in (*TRAINING_EVENTS, "ANNOTATIONS_DELETED", "START_TRAINING"):
-        log.debug("webhook %s ignored", event)
+    if event not in HANDLED_EVENTS:
+        # Counted as "other": an event name from the body must not become a metric label
+        # (unbounded series, and text /metrics cannot print).
+        project.metrics.webhooks.inc("other")
+        log.debug("webhook %s ignored", ascii(event[:100]))
         return {"status": "ignored", "action": event}
+    project.metrics.webhooks.inc(event)
     if project.project_id is None:
         project.project_id = project_id_of(data.get("project"))
     project_object = data.get("project")
@@ -119,11 +128,18 @@ def validate_annotation(project: ProjectContext, annotation: dict, schema: Label
             f"limit is {settings.max_instances_per_label} (MAX_INSTANCES_PER_LABEL)"
         )
     sizes = set()
-    for result in results:
+    for index, result in enumerate(results):
         if not isinstance(result, dict):
-            continue
+            raise BadRequest(f"annotation {annotation.get('id')}: result #{index} is not an object")
         height, width = result.get("original_height"), result.get("original_width")
         if height is None and width is None:
+            if result.get("type") in MASK_CAPABLE_TYPES:
+                # Label Studio sends the canvas size with every image region; without it the
+                # region cannot be checked now, and would fail only at every later training.
+                raise BadRequest(
+                    f"annotation {annotation.get('id')}: {result['type']} result #{index} has "
+                    "no original_width / original_height"
+                )
             continue
         if not all(
             isinstance(side, (int, float)) and not isinstance(side, bool) and side >= 1
@@ -140,7 +156,11 @@ def validate_annotation(project: ProjectContext, annotation: dict, schema: Label
             f"({sorted(sizes)})"
         )
     if not sizes:
-        return  # sizes unknown until the image is downloaded; the training checks then
+        # Every region carries its size (checked above): without any, nothing here is a region.
+        raise BadRequest(
+            f"annotation {annotation.get('id')} has no image region (brush, polygon, rectangle "
+            "or keypoint) to learn from"
+        )
     (height, width) = sizes.pop()
     if height * width > settings.max_image_pixels:
         raise LimitExceeded(
@@ -166,8 +186,7 @@ def receive_annotations(project: ProjectContext, pairs: list[tuple[Any, Any]], e
         if not isinstance(annotation, dict) or annotation.get("id") is None:
             raise BadRequest(f"{event} without an annotation object with an 'id'")
         annotation_id = annotation["id"]
-        if isinstance(annotation_id, bool) or not isinstance(annotation_id, (int, str)):
-            raise BadRequest(f"{event}: annotation id {str(annotation_id)[:40]!r} is not an id")
+        key = checked_example_key(event, annotation_id)
         task_ref = annotation.get("task")
         if task_ref is not None and (
             isinstance(task_ref, bool) or not isinstance(task_ref, (int, str))
@@ -190,7 +209,7 @@ def receive_annotations(project: ProjectContext, pairs: list[tuple[Any, Any]], e
             "task": {k: task.get(k) for k in ("id", "data") if k in task},
             "received_at": time.time(),
         }
-        accepted.append((f"annotation:{annotation_id}", payload))
+        accepted.append((key, payload))
     stored: list[str] = []
     if accepted:
         project.record_label_config()
@@ -219,6 +238,19 @@ def receive_annotations(project: ProjectContext, pairs: list[tuple[Any, Any]], e
     }
 
 
+def checked_example_key(event: str, annotation_id: Any) -> str:
+    """The store key of ``annotation_id`` (the one place ids become keys: see
+    :func:`backend.store.key_part`).
+
+    Raises:
+        BadRequest: the id cannot name an example (wrong type, too long, NUL, lone surrogate).
+    """
+    try:
+        return example_key(annotation_id)
+    except InvalidKey as error:
+        raise BadRequest(f"{event}: {error}") from None
+
+
 def forget_applied(state: ProjectState, keys: list[str]) -> ProjectState:
     """``state`` with ``keys`` no longer marked as learned (they are learned again)."""
     state.applied_examples = [k for k in state.applied_examples if k not in keys]
@@ -230,7 +262,11 @@ def delete_annotations(project: ProjectContext, annotations: Any) -> dict:
     stored (deleting the reference's annotation promotes the next one)."""
     if not isinstance(annotations, list):
         raise BadRequest("ANNOTATIONS_DELETED without an 'annotations' list")
-    keys = [f"annotation:{a['id']}" for a in annotations if isinstance(a, dict) and "id" in a]
+    keys = [
+        checked_example_key("ANNOTATIONS_DELETED", a["id"])
+        for a in annotations
+        if isinstance(a, dict) and "id" in a
+    ]
     try:
         deleted = project.store.delete_examples(project.require_project_id(), keys)
     except StoreError as error:

@@ -91,7 +91,8 @@ class SamImageEncoder:
         """``(h, w)`` with the long side scaled to ``img_size`` (SAM's ResizeLongestSide rule)."""
         height, width = original_size
         scale = self.img_size / max(height, width)
-        return int(height * scale + 0.5), int(width * scale + 0.5)
+        # At least one row / column: a thin panorama or line scan must not round a side to 0.
+        return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
     @torch.inference_mode()
     def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:

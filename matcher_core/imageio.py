@@ -11,6 +11,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000
 
+# The one pixel cap is the caller's (``max_pixels``, checked in ``_open`` on the header's size
+# before any pixel is decoded): Pillow's own fixed 89.5 Mpx limit would refuse, with its own
+# message, images that a raised cap allows.
+Image.MAX_IMAGE_PIXELS = None
+
 
 class ImageError(ValueError):
     """The bytes are not a usable image (empty, corrupt, too large, unsupported)."""

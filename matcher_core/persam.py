@@ -116,6 +116,7 @@ def valid_cells(decoder: SamDecoder, input_size: tuple[int, int]) -> torch.Tenso
     cell_h, cell_w = decoder.img_size / he, decoder.img_size / we
     rows = (torch.arange(he) + 0.5) * cell_h < input_size[0]
     cols = (torch.arange(we) + 0.5) * cell_w < input_size[1]
+    rows[0] = cols[0] = True  # an image thinner than half a cell still lies on the first ones
     return rows[:, None] & cols[None, :]
 
 

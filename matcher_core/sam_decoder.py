@@ -194,7 +194,7 @@ class SamDecoder:
         """``(..., 2)`` XY original pixels to the SAM input frame (ResizeLongestSide)."""
         height, width = original_size
         scale = self.img_size / max(height, width)
-        new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+        new_h, new_w = max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
         out = np.asarray(xy, dtype=np.float32).copy()
         out[..., 0] *= new_w / width
         out[..., 1] *= new_h / height

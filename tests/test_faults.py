@@ -364,8 +364,11 @@ class FlakyLabelStudio:
     prediction posts answer 503, and the next ``lose_answers`` posts are stored yet answered
     502 (the answer lost on the way back)."""
 
-    def __init__(self, fail_posts: int = 0, lose_answers: int = 0):
+    def __init__(self, fail_posts: int = 0, lose_answers: int = 0, hold_posts: float = 0.0):
         self.fail_posts, self.lose_answers = fail_posts, lose_answers
+        self.hold_posts = hold_posts
+        """Seconds each post is held before it is stored (longer than a client's timeout: the
+        client gives up, and the prediction is stored afterwards all the same)."""
         self.stored: list[dict] = []
         self.post_times: list[float] = []
         self.files: dict[str, bytes] = {}
@@ -389,6 +392,7 @@ class FlakyLabelStudio:
 
         @app.post("/api/predictions/")
         def posted():
+            time.sleep(self.hold_posts)
             with self._lock:
                 self.post_times.append(time.monotonic())
                 if not authorized():
@@ -466,6 +470,55 @@ def test_a_client_error_is_not_retried(flaky_ls):
     with pytest.raises(LabelStudioAPIError, match="401"):
         api.post_prediction(7, [], 0.5, "oneshot-abc")
     assert len(ls.post_times) == 1
+
+
+def test_a_post_held_past_the_timeout_then_stored_is_found_not_posted_again(flaky_ls):
+    ls = flaky_ls(hold_posts=1.0)
+    api = LabelStudioAPI(ls.url, API_TOKEN, timeout=0.3, retries=6, backoff=0.1)
+
+    answer = api.post_prediction(7, [], 0.5, "oneshot-abc")
+
+    assert len(ls.post_times) == 1  # the timed-out post was never repeated...
+    assert [p["task"] for p in ls.stored] == [7]  # ...and is the one stored
+    assert answer["id"] == ls.stored[0]["id"]
+
+
+def test_a_post_held_longer_than_every_recheck_fails_and_is_still_stored_once(flaky_ls):
+    ls = flaky_ls(hold_posts=2.0)
+    api = LabelStudioAPI(ls.url, API_TOKEN, timeout=0.3, retries=2, backoff=0.05)
+
+    with pytest.raises(LabelStudioAPIError, match="not sent again") as caught:
+        api.post_prediction(7, [], 0.5, "oneshot-abc")
+
+    assert caught.value.maybe_done
+    wait_until(lambda: len(ls.stored) == 1, timeout=10)
+    time.sleep(0.3)
+    assert len(ls.post_times) == 1 and len(ls.stored) == 1
+
+
+def test_a_second_run_while_label_studio_holds_the_first_post_does_not_post(make_runtime, flaky_ls):
+    ls = flaky_ls(hold_posts=1.5)
+    runtime = make_runtime(FETCH_TIMEOUT="0.5", POST_RETRIES="1", POST_RETRY_BACKOFF="0.05")
+    client = create_app(runtime).test_client()
+    ls.files["/data/upload/31/ref.png"] = png_bytes(scene(0))
+    ls.files["/data/upload/31/t.png"] = png_bytes(scene(1))
+    client.post("/setup", json=setup_body(ls.url))
+    client.post("/webhook", json=event_for("/data/upload/31/ref.png", FIRST_BOX))
+    assert runtime.jobs.wait_idle(60)
+    task = {"id": 40, "data": {"image": "/data/upload/31/t.png"}}
+    model = OneShotModel(project_id=PROJECT, runtime=runtime)
+
+    first = threading.Thread(target=model.predict_and_post, args=([task],))
+    first.start()
+    wait_until(lambda: len(ls.post_times) == 1)
+    second = model.predict_and_post([task])  # a rerun: the held post is not listed yet
+    first.join(30)
+
+    assert second == 0
+    wait_until(lambda: len(ls.stored) == 1, timeout=10)
+    time.sleep(0.3)
+    assert len(ls.post_times) == 1 and [p["task"] for p in ls.stored] == [40]
+    assert runtime.metrics.predictions_posted.value("already_posted") == 1
 
 
 def _closed_port() -> int:
@@ -682,3 +735,104 @@ def test_a_webhook_on_a_full_disk_is_refused_with_the_reason_and_stores_nothing(
     assert client.post("/webhook", json=event).status_code == 200
     assert runtime.jobs.wait_idle(60)
     assert runtime.store.load(str(PROJECT)).reference_source["annotation_id"] == 100
+
+
+# ---------------------------------------------------------------------------------------------
+# Images of any aspect ratio, down to one pixel wide or high
+# ---------------------------------------------------------------------------------------------
+
+THIN_SIZES = [(20, 20_000), (20_000, 20), (1, 3_000), (3_000, 1), (1, 1)]
+"""(H, W): panoramas and line scans, thin enough that SAM's resize rounds a side below 1."""
+
+
+@pytest.mark.parametrize("reference_size", [(20, 20_000), (20_000, 20), (1, 3_000)])
+def test_images_of_any_aspect_ratio_are_references_and_predicted(
+    make_runtime, fake_ls, reference_size
+):
+    runtime = make_runtime()
+    client = create_app(runtime).test_client()
+    assert client.post("/setup", json=setup_body(fake_ls.url)).status_code == 200
+    height, width = reference_size
+    mask = np.zeros(reference_size, dtype=bool)
+    mask[: max(1, height // 2), : max(1, width // 2)] = True
+    url = fake_ls.add_image(
+        PROJECT, "thin-ref.png", png_bytes(scene(1, reference_size, (0, 0, 1, 1)))
+    )
+    event = annotation_event(PROJECT, 100, 1, url, [brush_result(mask)])
+    assert client.post("/webhook", json=event).status_code == 200
+    assert runtime.jobs.wait_idle(60)
+    state = runtime.store.load(str(PROJECT))
+    assert state.last_error is None and state.reference is not None
+
+    tasks = []
+    for index, size in enumerate(THIN_SIZES):
+        image_url = fake_ls.add_image(
+            PROJECT, f"thin-{index}.png", png_bytes(scene(2, size, (0, 0, 1, 1)))
+        )
+        tasks.append({"id": 10 + index, "data": {"image": image_url}})
+    answer = client.post("/predict", json=predict_body(tasks))
+    assert answer.status_code == 200, answer.get_json()
+    assert "errors" not in answer.get_json(), answer.get_json()["errors"]
+    assert len(answer.get_json()["results"]) == len(THIN_SIZES)
+    for entry, (height, width) in zip(answer.get_json()["results"], THIN_SIZES, strict=True):
+        for result in entry["result"]:
+            assert (result["original_height"], result["original_width"]) == (height, width)
+
+
+# ---------------------------------------------------------------------------------------------
+# A correction whose image cannot be downloaded during its training
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_correction_whose_download_fails_stays_pending_and_is_learned_once_it_recovers(
+    make_runtime, fake_ls
+):
+    runtime = make_runtime(TRAIN_RETRY_DELAY="0.3")
+    client = create_app(runtime).test_client()
+    assert client.post("/setup", json=setup_body(fake_ls.url)).status_code == 200
+    reference_url = fake_ls.add_image(PROJECT, "ref.png", png_bytes(scene(0)))
+    assert client.post("/webhook", json=event_for(reference_url, FIRST_BOX)).status_code == 200
+    assert runtime.jobs.wait_idle(60)
+    # The correction's image is not there yet (Label Studio answers 404 for it).
+    missing = f"/data/upload/{PROJECT}/later.png"
+    correction = annotation_event(
+        PROJECT, 101, 2, missing, [brush_result(square_mask(box=UPDATED_BOX))]
+    )
+    assert client.post("/webhook", json=correction).status_code == 200
+    assert runtime.jobs.wait_idle(60)
+
+    state = runtime.store.load(str(PROJECT))
+    assert "annotation:101" not in state.applied_examples  # pending, not marked applied
+    assert "annotation:101" in (state.last_error or "")  # and the failure is reported
+    assert "annotation:101" in runtime.store.examples(str(PROJECT))
+
+    fake_ls.add_image(PROJECT, "later.png", png_bytes(scene(2)))  # Label Studio is back
+    # No new event: the scheduled retry learns it.
+    wait_until(
+        lambda: "annotation:101" in runtime.store.load(str(PROJECT)).applied_examples, timeout=30
+    )
+    assert runtime.jobs.wait_idle(60)
+    state = runtime.store.load(str(PROJECT))
+    assert state.last_error is None
+    assert state.learned["examples"] == 2  # the reference's annotation and the correction
+
+
+@pytest.mark.parametrize("mode", ["persam", "matcher"])
+def test_the_engine_segments_images_of_any_aspect_ratio_in_both_modes(model_dir, mode):
+    from matcher_core import OneShotSegmenter, tiny_config
+
+    engine = OneShotSegmenter(
+        tiny_config(model_dir=str(model_dir), mode=mode, score_threshold=0.0, min_instance_area=1)
+    )
+    # A 1-pixel-high input still has embedding cells on the image (PerSAM looks only there).
+    from matcher_core import persam
+
+    assert persam.valid_cells(engine.decoder, (1, engine.decoder.img_size))[0].any()
+    for reference_size in [(20, 20_000), (1, 3_000), (3_000, 1)]:
+        mask = np.zeros(reference_size, dtype=bool)
+        mask[: max(1, reference_size[0] // 2), : max(1, reference_size[1] // 2)] = True
+        image = scene(1, reference_size, (0, 0, 1, 1))
+        reference = engine.build_reference([Example(image=image, masks={"Cat": [mask]})])
+        for size in THIN_SIZES:
+            for instance in engine.segment(reference, scene(2, size, (0, 0, 1, 1))):
+                assert instance.mask.shape == size

@@ -58,3 +58,35 @@ def test_binary_and_indexed_masks():
     indexed = Image.fromarray(np.array([[0, 1], [2, 2]], np.uint8), mode="P")
     indexed.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 9))
     assert load_label_mask(encode(indexed)).tolist() == [[0, 1], [2, 2]]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` grayscale pixels and that holds none (a
+    decompression bomb's first bytes: the size is all a cap may look at)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_a_bomb_over_pillows_own_limit_is_refused_by_the_cap_with_its_message():
+    # 100 Mpx: above Pillow's built-in 89.5 Mpx warning and near its 179 Mpx error.
+    with pytest.raises(ImageError, match="10000x10000 pixels exceeds the cap of 64000000"):
+        load_image(png_header_only(10_000, 10_000))
+    with pytest.raises(ImageError, match="20000x20000 pixels exceeds the cap of 64000000"):
+        load_image(png_header_only(20_000, 20_000))
+
+
+def test_a_raised_cap_is_the_only_limit():
+    # A cap of 200 Mpx lets a 100 Mpx header through to decoding (which fails here only because
+    # the file holds no pixels), instead of Pillow's 89.5 Mpx limit refusing it.
+    with pytest.raises(ImageError) as refused:
+        load_image(png_header_only(10_000, 10_000), max_pixels=200_000_000)
+    assert "cap" not in str(refused.value) and "decompression bomb" not in str(refused.value)
+    image = Image.new("L", (9_500, 10_000))  # 95 Mpx, really decoded
+    assert load_label_mask(encode(image), max_pixels=200_000_000).shape == (10_000, 9_500)
