@@ -78,6 +78,7 @@ class OracleDecoder:
         for index, mask in enumerate(instances, start=1):
             self.labels[mask] = index
         self._background: dict[tuple[int, int], np.ndarray] = {}
+        self._low_res: dict[tuple, tuple[torch.Tensor, float]] = {}
 
     def to_input_coords(self, xy: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         height, width = original_size
@@ -116,15 +117,20 @@ class OracleDecoder:
             self._background[(x, y)] = flood[1:-1, 1:-1] == 2
         return self._background[(x, y)]
 
-    def answer(self, xy: np.ndarray) -> tuple[np.ndarray, float]:
-        """The oracle's mask for positive points ``(n, 2)`` (original pixels)."""
+    def answer(self, xy: np.ndarray) -> tuple[torch.Tensor, float]:
+        """The oracle's low-res logits for positive points ``(n, 2)`` (original pixels)."""
         height, width = self.original_size
         cols = np.clip(xy[:, 0].astype(int), 0, width - 1)
         rows = np.clip(xy[:, 1].astype(int), 0, height - 1)
-        hit = sorted(set(self.labels[rows, cols].tolist()) - {0})
-        if hit:
-            return np.isin(self.labels, hit), INSTANCE_IOU
-        return self._background_region(int(cols[0]), int(rows[0])), BACKGROUND_IOU
+        hit = tuple(sorted(set(self.labels[rows, cols].tolist()) - {0}))
+        key = hit or ("background", int(cols[0]), int(rows[0]))
+        if key not in self._low_res:
+            if hit:
+                mask, iou = np.isin(self.labels, hit), INSTANCE_IOU
+            else:
+                mask, iou = self._background_region(int(cols[0]), int(rows[0])), BACKGROUND_IOU
+            self._low_res[key] = (self._to_low_res(mask), iou)
+        return self._low_res[key]
 
     def decode(self, embedding, point_coords=None, point_labels=None, boxes=None, multimask=True):
         count = 3 if multimask else 1
@@ -133,9 +139,7 @@ class OracleDecoder:
         ious = torch.empty(len(point_coords), count)
         for b, (points, labels) in enumerate(zip(point_coords, point_labels, strict=True)):
             positive = points[labels == 1].numpy() * scale
-            mask, iou = self.answer(positive)
-            logits[b] = self._to_low_res(mask)
-            ious[b] = iou
+            logits[b], ious[b] = self.answer(positive)
         return DecoderOutput(logits, ious)
 
     def upscale(self, low_res_logits, input_size, original_size):

@@ -412,10 +412,12 @@ def matcher_metrics(
         reference_features: ``(Nr, D)`` the reference object's features.
         emd_max_points: see :func:`emd_distance` (0, all points, as published).
     """
-    cells = np.asarray(cells, dtype=bool)
+    cells = np.asarray(cells, dtype=bool).reshape(len(cells), -1)
+    # Many prompt sets give the same mask: each distinct cell set is transported once.
+    distinct, inverse = np.unique(cells, axis=0, return_inverse=True)
     emd = np.array(
-        [emd_distance(reference_features, target_features[row], emd_max_points) for row in cells]
-    ).reshape(len(cells))
+        [emd_distance(reference_features, target_features[row], emd_max_points) for row in distinct]
+    )[np.asarray(inverse).reshape(-1)]
     hits = np.asarray(points_inside, dtype=bool).sum(1).astype(np.float64)
     purity = hits / np.maximum(cells.sum(1), 1.0) + 1e-6
     total = max(np.asarray(points_inside).shape[1], 1)
