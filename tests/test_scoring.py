@@ -326,3 +326,18 @@ def test_coco_union_keeps_close_emd_proposals_relative_to_the_best():
     assert union_members(lone, config)[0].tolist() == [0]
     # purity >= 0.02 (relative): a proposal without matched points goes first
     assert union_members(_metrics([0.9, 0.8], [0.0, 0.5], [0.0, 0.5]), config)[0].tolist() == [1]
+
+
+def test_matcher_metrics_follow_get_mask_scores():
+    from matcher_core.scoring import matcher_metrics
+
+    e0, e1 = np.eye(2, dtype=np.float32)
+    reference = np.stack([e0, e0])
+    target = np.stack([e0, e1, e0])
+    cells = np.array([[True, False, False], [True, True, False]])
+    points_inside = np.array([[True, False, False], [True, True, False]])  # 3 matched points
+    metrics = matcher_metrics(cells, points_inside, target, reference)
+    # EMD, uniform weights, cost (1 - cos) / 2: all of e0 to e0 costs 0; half of it to e1, 0.5.
+    np.testing.assert_allclose(metrics.emd_score, [1.0, 0.75], atol=1e-9)
+    np.testing.assert_allclose(metrics.purity, [1.0 + 1e-6, 1.0 + 1e-6])  # points / mask cells
+    np.testing.assert_allclose(metrics.coverage, [1 / 3 + 1e-6, 2 / 3 + 1e-6])
