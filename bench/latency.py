@@ -68,6 +68,13 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=2, help="target images timed per mode")
     parser.add_argument("--model-dir", default="/tmp/bench-models")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["fast", "fast-persam"],
+        help="fast / fast-persam (the product's defaults in Matcher / PerSAM mode) or a "
+        "published preset (fss, coco, lvis, part, persam, persam_f)",
+    )
     args = parser.parse_args()
 
     base = SegmenterConfig(
@@ -89,8 +96,9 @@ def main() -> None:
         f"image {targets[0].shape[1]}x{targets[0].shape[0]}\n"
     )
     rows = []
-    for mode in ("matcher", "persam"):
-        segmenter = OneShotSegmenter(base.replace(mode=mode))
+    for mode in args.configs:
+        config = base.replace(mode="persam") if mode == "fast-persam" else base.with_preset(mode)
+        segmenter = OneShotSegmenter(config)
         reference = segmenter.build_reference([Example(ref_image, {"object": [ref_mask]})])
         # Process warm-up (first-call allocations and kernel selection happen once per server
         # process, not per request): segment the reference image itself once, untimed.

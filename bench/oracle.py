@@ -77,7 +77,6 @@ class OracleDecoder:
         self.labels = np.zeros(self.original_size, np.int32)
         for index, mask in enumerate(instances, start=1):
             self.labels[mask] = index
-        self._background: dict[tuple[int, int], np.ndarray] = {}
         self._low_res: dict[tuple, tuple[torch.Tensor, float]] = {}
 
     def to_input_coords(self, xy: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
@@ -87,35 +86,38 @@ class OracleDecoder:
 
     def _to_low_res(self, mask: np.ndarray) -> torch.Tensor:
         """``(H, W)`` bool to ``(L, L)`` logits of the padded square (SAM's low-res frame)."""
-        resized = F.interpolate(
-            torch.from_numpy(mask.astype(np.float32))[None, None], self.input_size, mode="area"
-        )
-        padded = torch.zeros(1, 1, IMG_SIZE, IMG_SIZE)
-        padded[..., : self.input_size[0], : self.input_size[1]] = resized
-        low = F.adaptive_avg_pool2d(padded, LOW_RES)[0, 0]
-        return torch.where(low >= 0.5, 8.0, -8.0)
+        crop_h = max(1, round(self.input_size[0] * LOW_RES / IMG_SIZE))
+        crop_w = max(1, round(self.input_size[1] * LOW_RES / IMG_SIZE))
+        low = cv2.resize(mask.astype(np.float32), (crop_w, crop_h), interpolation=cv2.INTER_AREA)
+        logits = torch.full((LOW_RES, LOW_RES), -8.0)
+        logits[:crop_h, :crop_w] = torch.from_numpy(np.where(low >= 0.5, 8.0, -8.0))
+        return logits
 
     def _background_region(self, x: int, y: int) -> np.ndarray:
-        if (x, y) not in self._background:
-            height, width = self.original_size
-            flood = np.zeros((height + 2, width + 2), np.uint8)
-            wy, wx = height // FLOOD_WINDOW, width // FLOOD_WINDOW
-            flood[1:-1, 1:-1] = self.labels > 0  # never into an object
-            window = np.ones_like(flood)
-            window[max(0, y - wy) + 1 : y + wy + 1, max(0, x - wx) + 1 : x + wx + 1] = 0
-            flood |= window
-            flood[y + 1, x + 1] = 0
-            cv2.floodFill(
-                self.image.copy(),
-                flood,
-                (x, y),
-                0,
-                (12, 12, 12),
-                (12, 12, 12),
-                cv2.FLOODFILL_FIXED_RANGE | cv2.FLOODFILL_MASK_ONLY | (2 << 8),
-            )
-            self._background[(x, y)] = flood[1:-1, 1:-1] == 2
-        return self._background[(x, y)]
+        """Pixels of similar colour connected to ``(x, y)`` within the window, objects excluded."""
+        height, width = self.original_size
+        wy, wx = max(1, height // FLOOD_WINDOW), max(1, width // FLOOD_WINDOW)
+        y0, y1, x0, x1 = (
+            max(0, y - wy),
+            min(height, y + wy + 1),
+            max(0, x - wx),
+            min(width, x + wx + 1),
+        )
+        flood = np.zeros((y1 - y0 + 2, x1 - x0 + 2), np.uint8)
+        flood[1:-1, 1:-1] = self.labels[y0:y1, x0:x1] > 0  # never into an object
+        flood[y - y0 + 1, x - x0 + 1] = 0
+        cv2.floodFill(
+            np.ascontiguousarray(self.image[y0:y1, x0:x1]),
+            flood,
+            (x - x0, y - y0),
+            0,
+            (12, 12, 12),
+            (12, 12, 12),
+            cv2.FLOODFILL_FIXED_RANGE | cv2.FLOODFILL_MASK_ONLY | (2 << 8),
+        )
+        region = np.zeros(self.original_size, bool)
+        region[y0:y1, x0:x1] = flood[1:-1, 1:-1] == 2
+        return region
 
     def answer(self, xy: np.ndarray) -> tuple[torch.Tensor, float]:
         """The oracle's low-res logits for positive points ``(n, 2)`` (original pixels)."""

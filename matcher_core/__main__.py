@@ -20,7 +20,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SegmenterConfig()
     group = parser.add_argument_group("models")
     group.add_argument("--mode", choices=["matcher", "persam"], default=defaults.mode)
-    group.add_argument("--preset", choices=sorted(PRESETS), help="Matcher hyper-parameter preset")
+    group.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="fast (default) or a published configuration: fss, coco, lvis, part, persam, persam_f",
+    )
     group.add_argument("--sam-type", default=defaults.sam_type, help="vit_h | vit_l | vit_b | tiny")
     group.add_argument("--sam-checkpoint", help="SAM checkpoint file (default: official download)")
     group.add_argument(

@@ -60,6 +60,12 @@ def _reference_features(label_ref: LabelReference) -> np.ndarray:
     return np.concatenate([shot.masked_features() for shot in label_ref.shots])
 
 
+def _looks_present(match: MatchResult, baseline: float, margin: float) -> bool:
+    """The absence test's rule: forward matches closer than the background baseline, less
+    ``margin`` of the distance from the baseline to a perfect match."""
+    return match.forward_similarity > baseline - margin * (1.0 - baseline)
+
+
 def find_matches(
     config: SegmenterConfig, target: ImageFeatures, label_ref: LabelReference
 ) -> MatchResult | None:
@@ -82,7 +88,7 @@ def find_matches(
         return None
     if config.absence_test and (
         len(match) < max(1, config.min_matched_points)
-        or match.forward_similarity <= absence_baseline(label_ref.shots)
+        or not _looks_present(match, absence_baseline(label_ref.shots), config.absence_margin)
         or check.looks_deleted(config.negative_rejection_fraction, config.negative_rejection_margin)
     ):
         return None

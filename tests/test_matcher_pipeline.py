@@ -336,6 +336,10 @@ def test_a_target_matching_no_better_than_the_reference_background_is_absent(seg
     assert segment_label(
         Host(segmenter, decoder, min_purity=0.0, absence_test=False), target, label_ref
     )
+    # A margin (in units of the baseline's distance to a perfect match) lets weaker matches pass.
+    assert segment_label(
+        Host(segmenter, decoder, min_purity=0.0, absence_margin=0.9), target, label_ref
+    )
 
 
 @pytest.mark.parametrize("preset", ["fss", "coco", "part"])
