@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
 
-from .settings import redact_url
+from labelstudio.redaction import redact_url
+
 from .store import ProjectState, StateStore, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:

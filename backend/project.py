@@ -13,13 +13,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from labelstudio import ConfigError, LabelingSchema, parse_label_config, task_image_url
+from labelstudio.api import LabelStudioAPI
+from labelstudio.download import fetch_image_bytes
 from matcher_core.imageio import ImageError, load_image
 
 from .errors import BadRequest, store_failure
-from .fetch import fetch_image_bytes
 from .jobs import resume_stalled_training
-from .labelstudio import ConfigError, LabelingSchema, parse_label_config, task_image_url
-from .ls_api import LabelStudioAPI
 from .runtime import Runtime, get_runtime
 from .store import ProjectState, StoreError
 
@@ -160,6 +160,7 @@ class ProjectContext:
             max_bytes=self.settings.max_image_bytes,
             timeout=self.settings.fetch_timeout,
             allowed_hosts=self.settings.allowed_hosts,
+            local_files_root=self.settings.local_files_root,
         )
         try:
             return load_image(data, self.settings.max_image_pixels)

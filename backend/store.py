@@ -37,7 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from .settings import Settings, redact_url
+from labelstudio.redaction import redact_url
+
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from labelstudio import LabelingSchema, annotation_to_masks
 from matcher_core import Example, Reference
 from matcher_core.learning import Correction, model_version
 from matcher_core.learning import learn as learn_from_corrections
 
 from .errors import TASK_INPUT_ERRORS
-from .labelstudio import LabelingSchema, annotation_to_masks
 from .project import ProjectContext
 from .store import (
     WAITING_VERSION,

@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadRequest, LimitExceeded, store_failure
-from .labelstudio import (
+from labelstudio import (
     MASK_CAPABLE_TYPES,
     AnnotationError,
     LabelingSchema,
     annotation_to_masks,
 )
+
+from .errors import BadRequest, LimitExceeded, store_failure
 from .project import ProjectContext, project_id_of
 from .store import InvalidKey, ProjectState, StoreError, example_key
 

@@ -36,11 +36,11 @@ from server_helpers import (
 from werkzeug.serving import make_server
 
 from backend.jobs import train_lock_name
-from backend.ls_api import LabelStudioAPI, LabelStudioAPIError
 from backend.metrics import Metrics
 from backend.runtime import Runtime
 from backend.server import create_app
 from backend.store import LockLost, ProjectState, RedisStore, SQLiteStore, StoreError
+from labelstudio.api import LabelStudioAPI, LabelStudioAPIError
 from matcher_core import Example
 from model import OneShotModel, model_version_of
 
