@@ -13,7 +13,7 @@ from labelstudio.api import LabelStudioAPI, LabelStudioAPIError
 from matcher_core import Instance, Reference
 
 from .errors import TASK_INPUT_ERRORS, BadRequest, LimitExceeded
-from .jobs import resume_stalled_training
+from .leases import resume_stalled_training
 from .project import ProjectContext
 from .store import WAITING_VERSION, ProjectState, StoreError, key_part
 
@@ -21,7 +21,7 @@ log = logging.getLogger("oneshot.model")
 
 
 def predict(project: ProjectContext, tasks: list[dict], context: dict | None = None) -> dict:
-    """``/predict`` (see :meth:`model.OneShotModel.predict`): smart-tool requests, empty
+    """``/predict`` (see :meth:`backend.model.OneShotModel.predict`): smart-tool requests, empty
     predictions while there is no reference, else the batch.
 
     Raises:

@@ -1,6 +1,6 @@
 """One project as a request or a background job sees it: its id, label config, stored state,
 Label Studio connection and images. :class:`ProjectContext` is what the training, prediction and
-webhook modules work on; :class:`model.OneShotModel` is one.
+webhook use cases work on; :class:`backend.model.OneShotModel` holds one.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from labelstudio import ConfigError, LabelingSchema, parse_label_config, task_image_url
 from labelstudio.api import LabelStudioAPI
@@ -19,9 +19,11 @@ from labelstudio.download import fetch_image_bytes
 from matcher_core.imageio import ImageError, load_image
 
 from .errors import BadRequest, store_failure
-from .jobs import resume_stalled_training
-from .runtime import Runtime, get_runtime
+from .leases import resume_stalled_training
 from .store import ProjectState, StoreError
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 # The backend's model-side log lines keep one logger name, whichever module writes them.
 log = logging.getLogger("oneshot.model")
@@ -85,16 +87,15 @@ class ProjectContext:
         self,
         project_id: Any = None,
         label_config: str | None = None,
-        runtime: Runtime | None = None,
-        **kwargs: Any,
+        *,
+        runtime: Runtime,
     ):
-        self.runtime = runtime or get_runtime()
+        self.runtime = runtime
         self.settings = self.runtime.settings
         self.store = self.runtime.store
         self.metrics = self.runtime.metrics
         self.project_id = project_id_of(project_id) if project_id is not None else None
         self.label_config = label_config
-        self.extra = kwargs
 
     def require_project_id(self) -> str:
         """The project id.

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from .jobs import Jobs, make_jobs
 from .metrics import Metrics
 from .settings import Settings
 from .store import StateStore, make_store
@@ -22,7 +23,6 @@ from .store import StateStore, make_store
 if TYPE_CHECKING:
     from matcher_core import OneShotSegmenter, Reference
 
-    from .jobs import Jobs
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,6 @@ class Runtime:
         metrics: Metrics | None = None,
         segmenter: OneShotSegmenter | None = None,
     ):
-        from .jobs import make_jobs
-
         self.settings = settings
         self.store = store if store is not None else make_store(settings)
         self.metrics = metrics or Metrics()

@@ -34,6 +34,9 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from .errors import BackendError, BadRequest
+from .model import OneShotModel
+from .project import project_id_of
 from .runtime import Runtime, get_runtime
 from .settings import Settings, check_base_url
 from .store import StoreError
@@ -162,8 +165,6 @@ def _json_body(max_depth: int) -> dict:
     Raises:
         BadRequest: the body is not JSON, not an object, or nested deeper than ``max_depth``.
     """
-    from model import BadRequest
-
     data = request.get_data(cache=True)
     if not data:
         return {}
@@ -191,8 +192,6 @@ def _optional_text(body: dict, key: str) -> str | None:
     Raises:
         BadRequest: present with another type.
     """
-    from model import BadRequest
-
     value = body.get(key)
     if value is None or isinstance(value, str):
         return value
@@ -205,8 +204,6 @@ def _optional_url(body: dict, key: str) -> str | None:
     Raises:
         BadRequest: another type, or not an http(s) URL with a host.
     """
-    from model import BadRequest
-
     value = _optional_text(body, key)
     if not value:
         return None
@@ -220,8 +217,6 @@ def _optional_url(body: dict, key: str) -> str | None:
 
 def create_app(runtime: Runtime | None = None) -> Flask:
     """The Flask application serving ``runtime`` (the process's runtime by default)."""
-    from model import BackendError, BadRequest, OneShotModel, project_id_of
-
     runtime = runtime or get_runtime()
     settings = runtime.settings
     metrics = runtime.metrics

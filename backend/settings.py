@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
 from labelstudio.redaction import redact_url
-from matcher_core.config import PRESETS, SegmenterConfig, tiny_config
+from matcher_core.config import PRESETS, TINY_MODELS, SegmenterConfig, tiny_config
 
 log = logging.getLogger(__name__)
 
@@ -205,19 +205,24 @@ class Settings:
     """``CACHE_BYTES``: memory for cached image embeddings per process (LRU; 0 turns it off)."""
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read the settings from ``env`` (``os.environ`` by default).
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Read the settings from ``env`` (``os.environ`` by default), ``overrides`` (e.g. command
+        line flags, by variable name) winning. The one reader of the environment.
 
         Raises:
             SettingsError: a variable holds an unusable value (the message names it).
         """
         env = os.environ if env is None else env
+        if overrides:
+            env = {**env, **overrides}
         random_weights = _flag(env, "ONESHOT_RANDOM_WEIGHTS")
         device = _text(env, "DEVICE", "auto")
         on_gpu = device.startswith("cuda") or (device == "auto" and gpu_available())
         defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
         if random_weights:
-            defaults = {"sam_type": "tiny", "encoder": "tiny"}
+            defaults = {"sam_type": TINY_MODELS["sam_type"], "encoder": TINY_MODELS["encoder"]}
         mode = _text(env, "MODE", "matcher").lower()
         if mode not in MODES:
             raise SettingsError(f"MODE={mode!r}: choose one of {', '.join(MODES)}")
@@ -311,7 +316,7 @@ class Settings:
             # or the best proposal); only tiny masks are let through, since the tiny models'
             # masks are small.
             config = tiny_config(model_dir=self.model_dir).replace(min_instance_area=1)
-            if self.sam_model_type != "tiny" or self.encoder != "tiny":
+            if (self.sam_model_type, self.encoder) != tuple(TINY_MODELS.values()):
                 # Random weights of a real-size architecture: allowed, but slow; say so.
                 config = config.replace(
                     sam_type=self.sam_model_type,

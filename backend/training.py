@@ -2,7 +2,7 @@
 stored annotations.
 
 The first usable annotation (oldest first) becomes the reference; every usable annotation is
-then handed to the model's learning hook (:meth:`model.OneShotModel.learn`, which defaults to
+then handed to the model's learning hook (:meth:`backend.model.OneShotModel.learn`, which defaults to
 :func:`learn_from_examples`). The result is written only while the training lease is held, and
 the model version is a hash of the state it decides predictions with.
 """
@@ -150,15 +150,15 @@ def sync_examples_from_label_studio(project: ProjectContext, state: ProjectState
 
 def train(
     project: ProjectContext,
-    learn: LearnHook,
+    learn: LearnHook | None = None,
     full: bool = False,
     fence: tuple[str, str] | None = None,
 ) -> ProjectState:
-    """One training of ``project`` (see :meth:`model.OneShotModel.train`).
+    """One training of ``project`` (see :meth:`backend.model.OneShotModel.train`).
 
     Args:
         learn: the learning hook, called with every usable example once there is a reference
-            and something new to learn.
+            and something new to learn (default: :func:`learn_from_examples`).
         full: refetch every annotation from Label Studio and rebuild from scratch.
         fence: ``(lock, token)`` of the training lease: the result is written only while
             that lease is held (see ``backend.jobs``).
@@ -166,6 +166,12 @@ def train(
     Returns:
         The project's state after the training (the previous one when it failed cleanly).
     """
+    custom_hook = learn is not None
+    if learn is None:
+
+        def learn(state: ProjectState, reference: Reference, examples: list[TrainingExample]):
+            return learn_from_examples(project, state, reference, examples)
+
     started = time.perf_counter()
     project_id = project.require_project_id()
     store, metrics, runtime = project.store, project.metrics, project.runtime
@@ -260,7 +266,7 @@ def train(
             return current
 
         return store.update(project_id, served, reason="nothing to learn", fence=fence)
-    if reference is not None:
+    if reference is not None and custom_hook:
         cap_shots(project, reference)
     version = model_version_of(reference, state.learned, project.settings.mode)
     blob = reference.to_bytes() if reference is not None else None
@@ -355,25 +361,21 @@ def request_served(state: ProjectState, requested: float | None) -> ProjectState
 
 
 def cap_shots(project: ProjectContext, reference: Reference) -> None:
-    """Keep at most ``MAX_SHOTS_PER_LABEL`` shots per label, saying so: the reference's own
-    (base) shots first, then the newest learned ones."""
+    """Keep at most ``MAX_SHOTS_PER_LABEL`` shots per label (:meth:`LabelReference.cap_shots`),
+    saying so. Applied to what a custom learning hook returns; the default one caps itself."""
     limit = project.settings.max_shots_per_label
     for name, label_ref in reference.labels.items():
-        if len(label_ref.shots) > limit:
+        count = len(label_ref.shots)
+        if label_ref.cap_shots(limit):
             log.warning(
                 "project %s label %r: %d reference shots, over the limit of %d "
                 "(MAX_SHOTS_PER_LABEL); keeping the newest %d",
                 project.project_id,
                 name,
-                len(label_ref.shots),
+                count,
                 limit,
                 limit,
             )
-            base = min(label_ref.base_shots or 0, limit)
-            learned = label_ref.shots[base:][-(limit - base) :] if limit > base else []
-            label_ref.shots = label_ref.shots[:base] + learned
-            if label_ref.base_shots is not None:
-                label_ref.base_shots = base
 
 
 def training_failed(
@@ -413,7 +415,7 @@ def learn_from_examples(
     examples: list[TrainingExample],
 ) -> Reference | None:
     """The default learning hook: :func:`matcher_core.learning.learn` on every example that
-    loads, with its figures in the metrics and the log (see :meth:`model.OneShotModel.learn`).
+    loads, with its figures in the metrics and the log (see :meth:`backend.model.OneShotModel.learn`).
     """
     corrections = []
     for example in examples:

@@ -29,7 +29,7 @@ HANDLED_EVENTS = (*TRAINING_EVENTS, "ANNOTATIONS_DELETED", "START_TRAINING")
 
 
 def handle_webhook(project: ProjectContext, event: str | None, data: dict) -> dict:
-    """Dispatch one webhook event (see :meth:`model.OneShotModel.fit`); fills in the project's
+    """Dispatch one webhook event (see :meth:`backend.model.OneShotModel.fit`); fills in the project's
     id and label config from the payload when the request did not carry them.
 
     Raises:

@@ -1,15 +1,6 @@
 """Annotation -> masks: Label Studio results (percent of the image) to ``(H, W)`` bool masks.
 
-Coordinate frames used here:
-
-* Label Studio stores geometry in **percent** of the image: ``x`` of the width, ``y`` of the height,
-  origin at the top-left corner of the image (0 = left edge, 100 = right edge).
-* The engine works in **original pixels**: masks are ``(H, W)`` bool arrays, points are ``XY``
-  (continuous: the left edge of pixel column ``i`` is at ``x = i``, its centre at ``i + 0.5``),
-  boxes are ``XYXY`` in the same continuous frame.
-* ``image_size`` arguments are always ``(height, width)``, i.e. ``image.shape[:2]`` of the image
-  as the engine loaded it (EXIF orientation applied, as browsers and Label Studio show it).
-
+Frames: see :mod:`labelstudio` (percent of the image in, original pixels out).
 """
 
 from __future__ import annotations

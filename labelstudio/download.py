@@ -11,16 +11,7 @@
   JWT refresh token) is exchanged at ``POST {hostname}/api/token/refresh/`` for a short-lived
   access token sent as ``Bearer`` (see :mod:`.auth`). The token only
   goes to the Label Studio host, and never into a message, a log line or an exception.
-* **SSRF guard**: the first URL must be on the Label Studio host (scheme, host and port) or on an
-  ``allowed_hosts`` entry (``host``, ``host:port``, ``*.example.com``, or ``*`` for any public
-  host). Redirects are followed by hand (at most ``MAX_REDIRECTS``), re-checked at every hop, and
-  the ``Authorization`` header is dropped when leaving the Label Studio host. Every connection is
-  checked *when it is opened*, on the resolved address it actually connects to (so DNS rebinding
-  gains nothing): link-local addresses (including the cloud metadata service 169.254.169.254),
-  multicast, unspecified and reserved ones are always refused; loopback and private addresses
-  are allowed only for the Label Studio host and explicitly listed hosts; any other host (one
-  Label Studio redirects to, e.g. a presigned S3 URL) must resolve to public addresses only.
-  Downloads stop at ``max_bytes`` (decoded) and at ``timeout`` seconds overall.
+* **SSRF guard**: see :mod:`.guard` (first URL, every redirect and every connection checked).
 * **Local files**: ``/data/local-files/?d=<path>`` is read from disk when
   ``local_files_root`` is given (the ``LOCAL_FILES_DOCUMENT_ROOT`` setting), resolved under that root as Label
   Studio does (a leading ``/`` is relative to the root); paths with ``..`` and paths whose real

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .features import ImageFeatures, pool_mask_to_grid
+from .metrics import iou
 from .reference import Example, Instance, LabelReference, Reference, Shot
 from .scoring import inside_cells
 
@@ -78,7 +79,8 @@ class LearningReport:
     counts), and with PerSAM-F ``loss_before``, ``loss_after``, ``weights_seconds``."""
     seconds: float = 0.0
     version: str = ""
-    """:func:`model_version` of the learned reference."""
+    """:func:`model_version` of the learned reference (its content hash; the version the service
+    serves, ``backend.training.model_version_of``, hashes the mode and this report too)."""
 
 
 # --- state and versions ---------------------------------------------------------------------
@@ -133,15 +135,9 @@ def model_version(reference: Reference, context: dict | None = None) -> str:
 # --- small pieces ---------------------------------------------------------------------------
 
 
-def mask_iou(first: np.ndarray, second: np.ndarray) -> float:
-    """IoU of two ``(H, W)`` bool masks (0 when both are empty)."""
-    union = np.logical_or(first, second).sum()
-    return float(np.logical_and(first, second).sum() / union) if union else 0.0
-
-
 def best_iou(mask: np.ndarray, truths: list[np.ndarray]) -> float:
     """Largest IoU of ``mask`` with any of ``truths`` (0 when there are none)."""
-    return max((mask_iou(mask, truth) for truth in truths), default=0.0)
+    return max((iou(mask, truth) for truth in truths), default=0.0)
 
 
 def calibrate_threshold(
@@ -231,7 +227,7 @@ def _segment_label(
     segmenter: OneShotSegmenter, features: ImageFeatures, label_ref: LabelReference
 ) -> list[Instance]:
     """Every instance the configured pipeline (Matcher or PerSAM) finds, before any threshold."""
-    return segmenter._pipeline().segment_label(segmenter, features, label_ref)
+    return segmenter.segment_label(features, label_ref)
 
 
 def _task_key(task_id: int | str | None) -> tuple:
@@ -346,7 +342,7 @@ def learn(
         The learned reference (a new object; ``reference`` is not modified) and a report.
     """
     start = time.perf_counter()
-    segmenter._check_model(reference)
+    segmenter.check_model(reference)
     if max_shots < 1:
         raise ValueError("max_shots must be at least 1")
     base = base_reference(reference)
@@ -389,7 +385,7 @@ def learn(
                 i.mask for i in predictions.get((label, index), []) if i.score >= threshold_shown
             ]
             predicted = np.any(shown, axis=0) if shown else np.zeros_like(truths[0])
-            missed = 1.0 - mask_iou(predicted, np.any(truths, axis=0))
+            missed = 1.0 - iou(predicted, np.any(truths, axis=0))
             candidates.append((-missed, index))
         candidates.sort()
         chosen = [index for _, index in candidates[: max(0, max_shots - len(base_shots))]]
@@ -460,9 +456,10 @@ def learn(
 
     report.seconds = time.perf_counter() - start
     report.version = model_version(learned)
+    # No version in this line: the service logs the version it serves (which also hashes the mode
+    # and this report, see backend.training.model_version_of).
     log.info(
-        "learned %s from %d corrections in %.1f s: %s",
-        report.version,
+        "learned from %d corrections in %.1f s: %s",
         report.examples,
         report.seconds,
         report.labels,

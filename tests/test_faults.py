@@ -35,7 +35,7 @@ from server_helpers import (
 )
 from werkzeug.serving import make_server
 
-from backend.jobs import train_lock_name
+from backend.leases import train_lock_name
 from backend.metrics import Metrics
 from backend.runtime import Runtime
 from backend.server import create_app
@@ -567,17 +567,19 @@ def test_two_backends_on_one_redis_train_one_at_a_time_and_serve_one_version(
 
     wanted = expected_version(segmenter, UPDATED_BOX)
     trainings: list[tuple[float, float]] = []
-    original_train = OneShotModel.train
+    from backend import training
 
-    def recorded_train(self, *args, **kwargs):
+    original_train = training.train  # what every background training runs
+
+    def recorded_train(*args, **kwargs):
         began = time.monotonic()
         time.sleep(0.2)  # widen the window in which an overlap would show
         try:
-            return original_train(self, *args, **kwargs)
+            return original_train(*args, **kwargs)
         finally:
             trainings.append((began, time.monotonic()))
 
-    monkeypatch.setattr(OneShotModel, "train", recorded_train)
+    monkeypatch.setattr(training, "train", recorded_train)
     backends = []
     for name in ("a", "b"):
         settings = make_settings(model_dir, tmp_path / name, JOBS="thread")
