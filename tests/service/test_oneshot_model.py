@@ -7,15 +7,6 @@ import threading
 
 import numpy as np
 import pytest
-from server_helpers import (
-    LABEL_CONFIG,
-    annotation_event,
-    brush_result,
-    make_settings,
-    png_bytes,
-    scene,
-    square_mask,
-)
 
 from backend.jobs import RQJobs, ThreadJobs
 from backend.metrics import Metrics
@@ -25,8 +16,15 @@ from backend.store import WAITING_VERSION, RedisStore
 from labelstudio.auth import jwt_token_type
 from matcher_core import Reference
 from model import BadRequest, OneShotModel, model_version_of, project_id_of
-
-pytest_plugins = ["server_fixtures"]
+from server_helpers import (
+    LABEL_CONFIG,
+    annotation_event,
+    brush_result,
+    make_settings,
+    png_bytes,
+    scene,
+    square_mask,
+)
 
 PROJECT = 21
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import disc_image
+from builders import disc_image
 from matcher_core.__main__ import main
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "oneshot_seg_real"

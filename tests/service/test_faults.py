@@ -24,15 +24,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flask import Flask, jsonify, request
-from server_helpers import (
-    API_TOKEN,
-    LABEL_CONFIG,
-    annotation_event,
-    brush_result,
-    png_bytes,
-    scene,
-    square_mask,
-)
 from werkzeug.serving import make_server
 
 from backend.leases import train_lock_name
@@ -43,8 +34,15 @@ from backend.store import LockLost, ProjectState, RedisStore, SQLiteStore, Store
 from labelstudio.api import LabelStudioAPI, LabelStudioAPIError
 from matcher_core import Example
 from model import OneShotModel, model_version_of
-
-pytest_plugins = ["server_fixtures"]
+from server_helpers import (
+    API_TOKEN,
+    LABEL_CONFIG,
+    annotation_event,
+    brush_result,
+    png_bytes,
+    scene,
+    square_mask,
+)
 
 PROJECT = 31
 FIRST_BOX = (15, 20, 40, 50)  # (y0, x0, y1, x1) of the first annotation's square
