@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .jobs import Jobs, make_jobs
-from .metrics import Metrics
 from .settings import Settings
 from .store import StateStore, make_store
+from .telemetry import Metrics
 
 if TYPE_CHECKING:
     from matcher_core import OneShotSegmenter, Reference

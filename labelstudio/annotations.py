@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -58,96 +59,126 @@ def annotation_to_masks(
     height, width = check_image_size(image_size)
     if not isinstance(results, list):
         raise AnnotationError(f"annotation result must be a list, got {type(results).__name__}")
-    masks: dict[str, list[np.ndarray]] = {}
-    skipped: list[str] = []
-    keypoints: dict[str, list[np.ndarray]] = {}  # label -> XY pixel points, in order
-    rectangles: list[tuple[str, list[str], np.ndarray]] = []  # (where, labels, XYXY box)
-
+    regions = _Regions(schema, height, width)
     for index, result in enumerate(results):
-        where = f"result #{index}"
-        if not isinstance(result, dict):
-            raise AnnotationError(f"{where} is not an object")
-        result_type = result.get("type")
-        if result_type not in MASK_CAPABLE_TYPES:
-            log.debug("%s of type %r carries no mask; ignored", where, result_type)
-            continue
-        where = f"{result_type} {where} (id {result.get('id')!r})"
-        control = schema.control(result.get("from_name"))
-        if control is None or control.type != result_type:
-            skipped.append(f"{where}: no {result_type} control named {result.get('from_name')!r}")
-            continue
-        if control.image_key != schema.image_key:
-            skipped.append(f"{where}: labels image {control.to_name!r}, not the output image")
-            continue
-        check_frame(result, height, width, where)
-        value = result.get("value")
-        if not isinstance(value, dict):
-            raise AnnotationError(f"{where}: 'value' must be an object")
-        labels = _known_labels(value, result_type, control, where, skipped)
-        if not labels:
-            continue
-
-        if result_type == KEYPOINT:
-            point = keypoint_xy(value, height, width, where)
-            if result.get("is_positive") is False:
-                log.debug("%s is a negative smart-tool click, not an object; ignored", where)
-                continue
-            for label in labels:
-                keypoints.setdefault(label, []).append(point)
-            continue
-        if result_type == RECTANGLE:
-            box = rectangle_box(value, height, width, where)
-            if box[2] <= box[0] or box[3] <= box[1]:
-                skipped.append(f"{where}: empty rectangle")
-            else:
-                rectangles.append((where, labels, box))
-            continue
-        if result_type == BRUSH:
-            mask = decode_brush(value, height, width, where)
-        else:
-            points_xy = _percent_to_pixels(_polygon_points(value, where), height, width)
-            mask = rasterize_polygon(points_xy, height, width)
-        if not mask.any():
-            skipped.append(f"{where}: empty mask")
-            continue
-        for label in labels:
-            masks.setdefault(label, []).append(mask)
-
+        regions.read(result, index)
     # Boxes and clicks last: with smart tools, the annotation keeps the prompts next to the
     # masks they produced, and a prompt covering an object already drawn is not another object.
-    for where, labels, box in rectangles:
-        if all(_box_repeats_a_mask(box, masks.get(label, ())) for label in labels):
-            log.info("%s: outlines a mask already in the annotation; not a new object", where)
-            continue
-        if prompt_masker is None:
-            skipped.append(f"{where}: rectangles need SAM (no prompt_masker given)")
-            continue
-        mask = _call_masker(prompt_masker, None, None, box, height, width)
-        if not mask.any():
-            skipped.append(f"{where}: SAM returned an empty mask for the box")
-            continue
-        for label in labels:
-            masks.setdefault(label, []).append(mask)
-    for label, points in keypoints.items():
-        drawn = masks.get(label, [])
-        points = [p for p in points if not any(m[int(p[1]), int(p[0])] for m in drawn)]
-        if not points:
-            continue
-        if prompt_masker is None:
-            skipped.append(f"{len(points)} keypoint(s) of {label!r}: need SAM (no prompt_masker)")
-            continue
-        for mask in _keypoint_objects(points, prompt_masker, height, width):
-            if mask.any():
-                masks.setdefault(label, []).append(mask)
-            else:
-                skipped.append(f"keypoint object of {label!r}: SAM returned an empty mask")
-
+    regions.add_rectangles(prompt_masker)
+    regions.add_keypoints(prompt_masker)
+    masks, skipped = regions.masks, regions.skipped
     if not masks:
         reasons = "; ".join(skipped) if skipped else "it has no brush, polygon, box or keypoint"
         raise AnnotationError(f"annotation has no usable mask: {reasons}")
     for reason in skipped:
         log.warning("annotation: skipped %s", reason)
     return masks
+
+
+@dataclass
+class _Regions:
+    """What :func:`annotation_to_masks` collects from one annotation, in original pixels."""
+
+    schema: LabelingSchema
+    height: int
+    width: int
+    masks: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    """label -> ``(H, W)`` bool masks, one per region."""
+    skipped: list[str] = field(default_factory=list)
+    """Why each unusable result was skipped (logged, or the error when nothing is left)."""
+    keypoints: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    """label -> XY pixel points, in order."""
+    rectangles: list[tuple[str, list[str], np.ndarray]] = field(default_factory=list)
+    """``(where, labels, XYXY box)``."""
+
+    def _add(self, labels: Iterable[str], mask: np.ndarray) -> None:
+        for label in labels:
+            self.masks.setdefault(label, []).append(mask)
+
+    def read(self, result: Any, index: int) -> None:
+        """Take one result: brush and polygon masks at once, boxes and clicks for later."""
+        height, width = self.height, self.width
+        where = f"result #{index}"
+        if not isinstance(result, dict):
+            raise AnnotationError(f"{where} is not an object")
+        result_type = result.get("type")
+        if result_type not in MASK_CAPABLE_TYPES:
+            log.debug("%s of type %r carries no mask; ignored", where, result_type)
+            return
+        where = f"{result_type} {where} (id {result.get('id')!r})"
+        control = self.schema.control(result.get("from_name"))
+        if control is None or control.type != result_type:
+            self.skipped.append(
+                f"{where}: no {result_type} control named {result.get('from_name')!r}"
+            )
+            return
+        if control.image_key != self.schema.image_key:
+            self.skipped.append(f"{where}: labels image {control.to_name!r}, not the output image")
+            return
+        check_frame(result, height, width, where)
+        value = result.get("value")
+        if not isinstance(value, dict):
+            raise AnnotationError(f"{where}: 'value' must be an object")
+        labels = _known_labels(value, result_type, control, where, self.skipped)
+        if not labels:
+            return
+        if result_type == KEYPOINT:
+            point = keypoint_xy(value, height, width, where)
+            if result.get("is_positive") is False:
+                log.debug("%s is a negative smart-tool click, not an object; ignored", where)
+                return
+            for label in labels:
+                self.keypoints.setdefault(label, []).append(point)
+            return
+        if result_type == RECTANGLE:
+            box = rectangle_box(value, height, width, where)
+            if box[2] <= box[0] or box[3] <= box[1]:
+                self.skipped.append(f"{where}: empty rectangle")
+            else:
+                self.rectangles.append((where, labels, box))
+            return
+        if result_type == BRUSH:
+            mask = decode_brush(value, height, width, where)
+        else:
+            points_xy = _percent_to_pixels(_polygon_points(value, where), height, width)
+            mask = rasterize_polygon(points_xy, height, width)
+        if not mask.any():
+            self.skipped.append(f"{where}: empty mask")
+            return
+        self._add(labels, mask)
+
+    def add_rectangles(self, prompt_masker: PromptMasker | None) -> None:
+        """Boxes that do not outline a mask already drawn, through SAM."""
+        for where, labels, box in self.rectangles:
+            if all(_box_repeats_a_mask(box, self.masks.get(label, ())) for label in labels):
+                log.info("%s: outlines a mask already in the annotation; not a new object", where)
+                continue
+            if prompt_masker is None:
+                self.skipped.append(f"{where}: rectangles need SAM (no prompt_masker given)")
+                continue
+            mask = _call_masker(prompt_masker, None, None, box, self.height, self.width)
+            if not mask.any():
+                self.skipped.append(f"{where}: SAM returned an empty mask for the box")
+                continue
+            self._add(labels, mask)
+
+    def add_keypoints(self, prompt_masker: PromptMasker | None) -> None:
+        """Clicks outside every mask of their label, grouped into objects, through SAM."""
+        for label, points in self.keypoints.items():
+            drawn = self.masks.get(label, [])
+            points = [p for p in points if not any(m[int(p[1]), int(p[0])] for m in drawn)]
+            if not points:
+                continue
+            if prompt_masker is None:
+                self.skipped.append(
+                    f"{len(points)} keypoint(s) of {label!r}: need SAM (no prompt_masker)"
+                )
+                continue
+            for mask in _keypoint_objects(points, prompt_masker, self.height, self.width):
+                if mask.any():
+                    self._add([label], mask)
+                else:
+                    self.skipped.append(f"keypoint object of {label!r}: SAM returned an empty mask")
 
 
 def decode_brush(value: dict, height: int, width: int, where: str = "brush") -> np.ndarray:

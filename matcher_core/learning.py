@@ -367,43 +367,15 @@ def learn(
     for label in labels:
         base_shots = base.labels[label].shots if label in base.labels else []
         # 2. Shots: base shots, then corrections worst predicted first.
-        sources: list[int | None] = [None] * len(base_shots)
-        candidates = []
-        for index, item in enumerate(seen):
-            truths = item.truth(label)
-            if not truths:
-                continue
-            same_image = [
-                j
-                for j, shot in enumerate(base_shots)
-                if np.array_equal(shot.patch_features, seen_features[index])
-            ]
-            if same_image:
-                sources[same_image[0]] = index
-                continue
-            shown = [
-                i.mask for i in predictions.get((label, index), []) if i.score >= threshold_shown
-            ]
-            predicted = np.any(shown, axis=0) if shown else np.zeros_like(truths[0])
-            missed = 1.0 - iou(predicted, np.any(truths, axis=0))
-            candidates.append((-missed, index))
-        candidates.sort()
-        chosen = [index for _, index in candidates[: max(0, max_shots - len(base_shots))]]
+        chosen, sources = _choose_corrections(
+            label, base_shots, seen, seen_features, predictions, threshold_shown, max_shots
+        )
         shots = list(base_shots) + [
             segmenter.make_shot(seen[index].features, seen[index].truth(label)) for index in chosen
         ]
-        sources += chosen
         shot_sources[label] = sources
-
         # 3. Negatives: predictions that overlap no annotated mask of the label.
-        regions[label] = []
-        for index, item in enumerate(seen):
-            for instance in predictions.get((label, index), []):
-                if best_iou(instance.mask, item.truth(label)) < DELETED_IOU:
-                    grid = tuple(item.features.patch_features.shape[:2])
-                    cells = _deleted_cells(instance, item, label, grid)
-                    if len(cells):
-                        regions[label].append((index, cells))
+        regions[label] = _deleted_regions(label, seen, predictions)
         negatives = select_negatives(regions[label], _object_features(shots), max_negatives)
         learned.labels[label] = LabelReference(
             label=label, shots=shots, negatives=negatives, base_shots=len(base_shots)
@@ -427,27 +399,9 @@ def learn(
 
     # 5. Thresholds, on leave-one-out predictions of the learned reference.
     for label, label_ref in learned.labels.items():
-        scores, kept = [], []
-        for index, item in enumerate(seen):
-            own_shot = [s == index for s in shot_sources[label]]
-            own_negatives = any(source == index for source, _ in regions[label])
-            if any(own_shot) or own_negatives:
-                shots = [s for s, own in zip(label_ref.shots, own_shot, strict=True) if not own]
-                if not shots:
-                    continue
-                judge = LabelReference(
-                    label=label,
-                    shots=shots,
-                    negatives=select_negatives(
-                        regions[label], _object_features(label_ref.shots), max_negatives, index
-                    ),
-                    mask_weights=label_ref.mask_weights,
-                )
-            else:
-                judge = label_ref
-            for instance in _segment_label(segmenter, item.features, judge):
-                scores.append(instance.score)
-                kept.append(best_iou(instance.mask, item.truth(label)) >= KEPT_IOU)
+        scores, kept = _leave_one_out(
+            segmenter, label_ref, seen, shot_sources[label], regions[label], max_negatives
+        )
         label_ref.score_threshold = calibrate_threshold(np.asarray(scores), np.asarray(kept))
         report.labels[label].update(
             threshold=label_ref.score_threshold,
@@ -465,3 +419,88 @@ def learn(
         report.labels,
     )
     return learned, report
+
+
+def _choose_corrections(
+    label: str,
+    base_shots: list[Shot],
+    seen: list[_Seen],
+    seen_features: list[np.ndarray],
+    predictions: dict[tuple[str, int], list[Instance]],
+    threshold_shown: float,
+    max_shots: int,
+) -> tuple[list[int], list[int | None]]:
+    """Step 2: the corrections that become shots of ``label``, worst predicted first, and the
+    source (correction index, None for the reference's own) of every shot, base shots first."""
+    sources: list[int | None] = [None] * len(base_shots)
+    candidates = []
+    for index, item in enumerate(seen):
+        truths = item.truth(label)
+        if not truths:
+            continue
+        same_image = [
+            j
+            for j, shot in enumerate(base_shots)
+            if np.array_equal(shot.patch_features, seen_features[index])
+        ]
+        if same_image:
+            sources[same_image[0]] = index
+            continue
+        shown = [i.mask for i in predictions.get((label, index), []) if i.score >= threshold_shown]
+        predicted = np.any(shown, axis=0) if shown else np.zeros_like(truths[0])
+        missed = 1.0 - iou(predicted, np.any(truths, axis=0))
+        candidates.append((-missed, index))
+    candidates.sort()
+    chosen = [index for _, index in candidates[: max(0, max_shots - len(base_shots))]]
+    return chosen, sources + chosen
+
+
+def _deleted_regions(
+    label: str, seen: list[_Seen], predictions: dict[tuple[str, int], list[Instance]]
+) -> list[tuple[int, np.ndarray]]:
+    """Step 3: ``(correction index, patch cells)`` of every prediction of ``label`` that no
+    annotated mask of it overlaps (a deletion)."""
+    regions = []
+    for index, item in enumerate(seen):
+        for instance in predictions.get((label, index), []):
+            if best_iou(instance.mask, item.truth(label)) < DELETED_IOU:
+                grid = tuple(item.features.patch_features.shape[:2])
+                cells = _deleted_cells(instance, item, label, grid)
+                if len(cells):
+                    regions.append((index, cells))
+    return regions
+
+
+def _leave_one_out(
+    segmenter: OneShotSegmenter,
+    label_ref: LabelReference,
+    seen: list[_Seen],
+    sources: list[int | None],
+    regions: list[tuple[int, np.ndarray]],
+    max_negatives: int,
+) -> tuple[list[float], list[bool]]:
+    """Step 5: scores of the learned reference's predictions on every correction, leaving out
+    what that correction contributed, and whether each was kept (matches an annotated mask)."""
+    label = label_ref.label
+    scores, kept = [], []
+    for index, item in enumerate(seen):
+        own_shot = [s == index for s in sources]
+        own_negatives = any(source == index for source, _ in regions)
+        if any(own_shot) or own_negatives:
+            shots = [s for s, own in zip(label_ref.shots, own_shot, strict=True) if not own]
+            if not shots:
+                continue
+            judge = LabelReference(
+                label=label,
+                shots=shots,
+                negatives=select_negatives(
+                    regions, _object_features(label_ref.shots), max_negatives, index
+                ),
+                mask_weights=label_ref.mask_weights,
+            )
+        else:
+            judge = label_ref
+        for instance in _segment_label(segmenter, item.features, judge):
+            scores.append(instance.score)
+            kept.append(best_iou(instance.mask, item.truth(label)) >= KEPT_IOU)
+    return scores, kept

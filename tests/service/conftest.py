@@ -12,10 +12,10 @@ import pytest
 from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
-from backend.metrics import Metrics
 from backend.runtime import Runtime, set_runtime
 from backend.settings import Settings
 from backend.store import SQLiteStore
+from backend.telemetry import Metrics
 from server_helpers import API_TOKEN, FakeLabelStudio, RedisServer, free_port, make_settings
 
 # ---------------------------------------------------------------------------------------------

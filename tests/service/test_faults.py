@@ -27,10 +27,10 @@ from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
 from backend.leases import train_lock_name
-from backend.metrics import Metrics
 from backend.runtime import Runtime
 from backend.server import create_app
 from backend.store import LockLost, ProjectState, RedisStore, SQLiteStore, StoreError
+from backend.telemetry import Metrics
 from labelstudio.api import LabelStudioAPI, LabelStudioAPIError
 from matcher_core import Example
 from model import OneShotModel, model_version_of

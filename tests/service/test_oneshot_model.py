@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from backend.jobs import RQJobs, ThreadJobs
-from backend.metrics import Metrics
 from backend.runtime import Runtime
 from backend.settings import CPU_DEFAULTS, GPU_DEFAULTS, Settings, SettingsError
 from backend.store import WAITING_VERSION, RedisStore
+from backend.telemetry import Metrics
 from labelstudio.auth import jwt_token_type
 from matcher_core import Reference
 from model import BadRequest, OneShotModel, model_version_of, project_id_of
