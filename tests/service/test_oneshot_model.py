@@ -263,7 +263,8 @@ def test_a_correction_is_learned_and_changes_the_model_version(make_runtime, fak
     assert cat.mask_weights is not None  # PerSAM-F weights trained on the examples
     metrics = runtime.metrics.render()
     assert (
-        f'oneshot_last_training{{project="{PROJECT}",label="Cat",quantity="examples"}} 2.0'
+        # prometheus_client writes label pairs sorted by name
+        f'oneshot_last_training{{label="Cat",project="{PROJECT}",quantity="examples"}} 2.0'
         in metrics
     )
 
