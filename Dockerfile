@@ -36,6 +36,7 @@ ENV SAM_MODEL_TYPE=${SAM_MODEL_TYPE} \
     DEVICE=auto
 
 COPY matcher_core/ matcher_core/
+COPY labelstudio/ labelstudio/
 COPY backend/ backend/
 COPY scripts/download_models.py scripts/
 COPY model.py _wsgi.py ./

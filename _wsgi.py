@@ -1,7 +1,7 @@
 """Entry points: ``gunicorn _wsgi:app`` (production) and ``python _wsgi.py`` (development).
 
 Settings come from the environment (see ``backend/settings.py`` and the README). Gunicorn should
-run one worker with several threads (``--workers 1 --threads 8``): the models load once per
+run one worker with several threads (``--workers 1 --threads 16``, as the Dockerfile does): the models load once per
 process, and ``/health`` keeps answering while a prediction runs.
 """
 
@@ -9,26 +9,27 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-from backend.runtime import get_runtime
+from backend.runtime import Runtime, set_runtime
 from backend.server import configure_logging, create_app
 from backend.settings import Settings, SettingsError
 
 log = logging.getLogger("oneshot")
 
 
-def _build_app():
+def _build_app(overrides: dict[str, str] | None = None):
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(overrides=overrides)
     except SettingsError as error:
         # A readable message instead of a traceback in the gunicorn log.
         sys.stderr.write(f"configuration error: {error}\n")
         raise SystemExit(2) from error
     configure_logging(settings, json_lines=settings.log_format == "json")
     log.info("settings: %s", settings.describe())
-    return create_app(get_runtime())
+    runtime = Runtime(settings)
+    set_runtime(runtime)  # background jobs and anything else asking for the runtime get this one
+    return create_app(runtime)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,13 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--model-dir", default=None, help="overrides MODEL_DIR")
     args = parser.parse_args(argv)
+    overrides = {}
     if args.log_level:
-        os.environ["LOG_LEVEL"] = args.log_level
+        overrides["LOG_LEVEL"] = args.log_level
     if args.random_weights:
-        os.environ["ONESHOT_RANDOM_WEIGHTS"] = "1"
+        overrides["ONESHOT_RANDOM_WEIGHTS"] = "1"
     if args.model_dir:
-        os.environ["MODEL_DIR"] = args.model_dir
-    application = _build_app()
+        overrides["MODEL_DIR"] = args.model_dir
+    application = _build_app(overrides)
     # threaded: /health must answer while /predict runs (Label Studio gives it 1 s).
     application.run(
         host=args.host, port=args.port, debug=args.debug, use_reloader=False, threaded=True

@@ -1,31 +1,8 @@
-"""The Label Studio ML backend model: one annotated task labels the whole project.
-
-:class:`OneShotModel` reads like any ``LabelStudioMLBase`` backend (``setup``, ``predict``,
-``fit``) and is a thin adapter: each method hands the request to the module that does the work.
-The science is in :mod:`matcher_core`; on the backend side, :mod:`backend.project` holds the
-per-project context (state, label config, connection, images), :mod:`backend.webhooks` the
-webhook events, :mod:`backend.training` the background training, :mod:`backend.prediction`
-batch, interactive and background prediction, :mod:`backend.labelstudio` the Label Studio JSON
-conversions, :mod:`backend.fetch` image download, :mod:`backend.store` persistence and
-:mod:`backend.jobs` background work.
-
-Lifecycle of a project:
-
-1. ``/setup``: the connection details and the label config are recorded; the model version is
-   ``oneshot-waiting`` and ``/predict`` answers an empty prediction per task, quickly.
-2. The first submitted annotation with masks (brush, polygon, or rectangle / keypoint turned into
-   masks by SAM) arrives by webhook: it is validated at once, stored, and a background training
-   builds the reference from it (every label, every instance). The model version becomes
-   ``oneshot-<hash of the learned state>``, so Label Studio asks again for every task.
-3. Later annotations are stored as examples and handed to :meth:`OneShotModel.learn` (learning
-   from corrections). ``START_TRAINING`` refetches every annotation from Label Studio and rebuilds.
+"""Label Studio ML backend entry point: ``model.py`` with :class:`OneShotModel`, as Label
+Studio's ML backends lay it out. The class lives in :mod:`backend.model`; this module only names
+it and the few backend names scripts and tests import from here.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
-from backend import prediction, training, webhooks
 from backend.errors import (
     TASK_INPUT_ERRORS,
     BackendError,
@@ -34,20 +11,11 @@ from backend.errors import (
     ServiceUnavailable,
     store_failure,
 )
-from backend.project import (
-    PROJECT_ID_PATTERN,
-    ProjectContext,
-    config_hash,
-    project_id_of,
-    schema_of,
-    set_up,
-)
-from backend.store import ProjectState
+from backend.model import OneShotModel
+from backend.project import PROJECT_ID_PATTERN, config_hash, project_id_of, schema_of
 from backend.training import TrainingExample, model_version_of
 from backend.webhooks import ANNOTATION_EVENTS, TRAINING_EVENTS
-from matcher_core import Reference
 
-# Names other modules and tests import from here (the backend's public surface).
 __all__ = [
     "ANNOTATION_EVENTS",
     "PROJECT_ID_PATTERN",
@@ -65,95 +33,3 @@ __all__ = [
     "schema_of",
     "store_failure",
 ]
-
-
-class OneShotModel(ProjectContext):
-    """Label Studio ML backend in the ``LabelStudioMLBase`` style.
-
-    Built per request (or per background job) with the project id, the label config when the
-    request carries one, and the process :class:`~backend.runtime.Runtime`. Subclasses may
-    override :meth:`learn`; the training calls it.
-    """
-
-    @property
-    def model_version(self) -> str:
-        """The project's current model version (what ``/setup`` and ``/predict`` report)."""
-        return self.load_state().model_version
-
-    def setup(self, hostname: str | None = None, access_token: str | None = None) -> str:
-        """Record Label Studio's connection details and label config; returns the model
-        version. Starts loading the models in the background so the first prediction is fast.
-
-        Raises:
-            BadRequest: the label config cannot be used (Label Studio shows the message).
-        """
-        return set_up(self, hostname, access_token)
-
-    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> dict:
-        """Predictions for ``tasks``, one ``results`` entry per task, in order.
-
-        An entry is ``{"result": [...], "score": s, "model_version": v}``; a task that could not
-        be predicted in this call (its image failed, or the time budget ran out and it is being
-        predicted in the background) gets an empty list, which Label Studio stores nothing for,
-        so it is asked for again later. ``errors`` lists what went wrong, per task. With a
-        smart-tool ``context``, the one task's SAM mask for the prompts just drawn.
-
-        Raises:
-            BadRequest: malformed tasks or an unusable label config.
-            LimitExceeded: more than ``MAX_TASKS_PER_REQUEST`` tasks.
-            BackendError: the state store is unreachable.
-        """
-        return prediction.predict(self, tasks, context)
-
-    def fit(self, event: str | None, data: dict, **kwargs: Any) -> dict:
-        """Handle a webhook event quickly (Label Studio waits 1 s); work runs in the background.
-
-        ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED`` (and bulk ``ANNOTATIONS_CREATED``): the
-        annotation is validated, stored, and a training is requested (the first one builds the
-        reference). ``ANNOTATIONS_DELETED``: the examples are dropped (deleting the reference's
-        annotation promotes the next one). ``START_TRAINING``: full rebuild from Label Studio.
-        Other events are acknowledged and ignored.
-
-        Raises:
-            BadRequest: a malformed payload or an unusable annotation (nothing is stored).
-        """
-        return webhooks.handle_webhook(self, event, data)
-
-    def train(self, full: bool = False, fence: tuple[str, str] | None = None) -> ProjectState:
-        """Bring the project's reference and learned state up to date (background job).
-
-        Builds the reference from the first usable annotation when there is none (or when its
-        annotation changed or was deleted, or ``full``), then hands later annotations to
-        :meth:`learn`. A failure leaves the previous state and version serving.
-
-        Args:
-            fence: ``(lock, token)`` of the training lease: the result is written only while
-                that lease is held (see ``backend.jobs``).
-        """
-        return training.train(self, self.learn, full=full, fence=fence)
-
-    def learn(
-        self, project: ProjectState, reference: Reference, examples: list[TrainingExample]
-    ) -> Reference | None:
-        """Learn from every stored annotation (:func:`matcher_core.learning.learn`).
-
-        ``learn`` rebuilds the learned state from the reference's own shots each time (few-shot
-        references, negative evidence, PerSAM-F weights, calibrated thresholds), so the
-        incremental path and a START_TRAINING rebuild end in the same state.
-
-        Args:
-            project: a private copy of the project's state; ``project.learned`` (JSON) gets a
-                summary of what was learned and goes into the model version.
-            reference: a private copy of the project's current reference.
-            examples: every usable stored annotation, oldest first (the reference's own
-                included); ``load()`` downloads an image and decodes its masks.
-
-        Returns:
-            The learned reference, or ``None`` when no annotation could be loaded.
-        """
-        return training.learn_from_examples(self, project, reference, examples)
-
-    def predict_and_post(self, tasks: list[dict]) -> int:
-        """Background: predict ``tasks`` and store each prediction in Label Studio
-        (``POST /api/predictions/``). Returns how many were posted."""
-        return prediction.predict_and_post(self, tasks)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from labelstudio.download import FetchError
 from matcher_core.imageio import ImageError
 
-from .fetch import FetchError
 from .store import StoreError
 
 # Errors of one task's input (its image, its annotation): reported for that task, never fatal.

@@ -19,7 +19,7 @@ commits its result fenced by that lease (a trainer that lost it writes nothing).
 also records ``training_requested_at`` in the project's state, which a finished training clears.
 A request that finds that mark older than one lease while nobody holds the lock knows the
 trainer died (worker killed, machine lost) and starts the training again
-(:func:`resume_stalled_training`, called by ``/predict`` and ``/setup``).
+(:func:`backend.leases.resume_stalled_training`, called by ``/predict`` and ``/setup``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
 
-from .settings import redact_url
-from .store import ProjectState, StateStore, StoreError, StoreUnavailable
+from labelstudio.redaction import redact_url
+
+from . import background
+from .leases import mark_training_requested
+from .store import StoreUnavailable
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -44,7 +47,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUEUE_NAME = "oneshot"
-TRAIN_LOCK_WAIT = 1800.0
+# RQ runs jobs by dotted name (:mod:`backend.rq_worker` needs the runtime, which builds these).
+RQ_TRAIN = "backend.rq_worker.rq_train"
+RQ_RETRY_TRAINING = "backend.rq_worker.rq_retry_training"
+RQ_PREDICT = "backend.rq_worker.rq_predict"
 """Seconds a training waits at most for another, live, training of the same project."""
 PREDICT_CHUNK = 16
 """Tasks per background prediction job (several RQ workers share a long batch)."""
@@ -77,159 +83,22 @@ class Jobs(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------
-# The work itself (module-level functions so RQ workers can import them)
+# Coalescing flags (store locks used as flags: set once, by the first request)
 # ---------------------------------------------------------------------------------------------
 
 
-def train_lock_name(project_id: str) -> str:
-    return f"train:{project_id}"
-
-
-class Lease:
-    """A held store lock, renewed every third of ``ttl`` by a daemon thread until released.
-
-    ``fence`` goes to fenced writes (``store.update(..., fence=lease.fence)``): once the lease is
-    lost (not renewed in time, e.g. the store was unreachable for a whole ``ttl``, and maybe taken
-    by another process), those writes are refused, so two trainers never both commit.
-    """
-
-    def __init__(self, store: StateStore, name: str, token: str, ttl: float):
-        self.store, self.name, self.token, self.ttl = store, name, token, ttl
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._renewer = threading.Thread(target=self._renew, name=f"lease-{name}", daemon=True)
-        self._renewer.start()
-
-    @property
-    def fence(self) -> tuple[str, str]:
-        return (self.name, self.token)
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                renewed = self.store.extend_lock(self.name, self.token, self.ttl)
-            except StoreError as error:
-                # Keep trying: the lease may still be valid when the store comes back.
-                log.warning("lock %s: could not renew its lease: %s", self.name, error)
-                continue
-            if not renewed:
-                log.error("lock %s: lease lost; this holder's writes will be refused", self.name)
-                self.lost.set()
-                return
-
-    def release(self) -> None:
-        self._stop.set()
-        self._renewer.join()
-        try:
-            self.store.release_lock(self.name, self.token)
-        except StoreError as error:
-            log.warning(
-                "lock %s: could not release it (%s); it expires within %g s",
-                self.name,
-                error,
-                self.ttl,
-            )
-
-
-def acquire_lease(store: StateStore, name: str, ttl: float, wait: float) -> Lease:
-    """Wait (at most ``wait`` seconds) for the lock ``name`` and hold it as a :class:`Lease`.
-
-    Raises:
-        StoreError: the lock stayed held (renewed by a live holder) for ``wait`` seconds.
-    """
-    deadline = time.monotonic() + wait
-    while True:
-        token = store.acquire_lock(name, ttl)
-        if token is not None:
-            return Lease(store, name, token, ttl)
-        if time.monotonic() > deadline:
-            raise StoreError(f"lock {name} held by another process for over {wait:g} s")
-        time.sleep(0.25)
-
-
-def train_with_project_lock(runtime: Runtime, project_id: str, full: bool) -> None:
-    """Run one training of ``project_id`` while holding its training lease (waits for it)."""
-    from model import OneShotModel
-
-    lease = acquire_lease(
-        runtime.store, train_lock_name(project_id), runtime.settings.train_lock_ttl, TRAIN_LOCK_WAIT
-    )
-    try:
-        OneShotModel(project_id=project_id, runtime=runtime).train(full=full, fence=lease.fence)
-    finally:
-        lease.release()
-
-
-def mark_training_requested(store: StateStore, project_id: str) -> None:
-    """Record in the project's state that a training is due (cleared by the training)."""
-
-    def change(state: ProjectState) -> ProjectState:
-        state.training_requested_at = time.time()
-        return state
-
-    store.update(project_id, change, reason="training requested")
-
-
-def training_lock_free(store: StateStore, project_id: str) -> bool:
-    """Whether nobody holds the project's training lease right now (probes by taking it)."""
-    token = store.acquire_lock(train_lock_name(project_id), 5.0)
-    if token is None:
-        return False
-    store.release_lock(train_lock_name(project_id), token)
-    return True
-
-
-def resume_stalled_training(runtime: Runtime, state: ProjectState) -> bool:
-    """Start again a training that was requested but never finished because its trainer died.
-
-    A training is stalled when its request mark is older than one lease plus the debounce and
-    neither this runner nor any lease holder is working on it. Re-requesting refreshes the mark,
-    so a project whose trainings keep dying is retried once per lease, not on every request.
-    Returns whether a training was requested. Never raises: a failing check only logs.
-    """
-    requested = state.training_requested_at
-    if requested is None:
-        return False
-    settings = runtime.settings
-    age = time.time() - requested
-    if age < settings.train_lock_ttl + settings.train_debounce:
-        return False
-    try:
-        if runtime.jobs.training_pending(state.project_id):
-            return False
-        if not training_lock_free(runtime.store, state.project_id):
-            return False
-        log.warning(
-            "project %s: a training requested %.0f s ago never finished (its worker died?); "
-            "starting it again",
-            state.project_id,
-            age,
-        )
-        runtime.jobs.request_training(state.project_id)
-    except StoreError as error:
-        log.warning("project %s: cannot resume its training now: %s", state.project_id, error)
-        return False
-    return True
-
-
-def predict_and_post(runtime: Runtime, project_id: str, tasks: list[dict]) -> None:
-    from model import OneShotModel
-
-    OneShotModel(project_id=project_id, runtime=runtime).predict_and_post(tasks)
-
-
-def _pop_flag(store, name: str) -> bool:
+def pop_flag(store, name: str) -> bool:
     """Whether the flag ``name`` (a store lock used as a flag) was set; clears it."""
     probe = store.acquire_lock(name, 1.0)
     store.release_lock(name)
     return probe is None
 
 
-def _requested_key(project_id: str) -> str:
+def requested_key(project_id: str) -> str:
     return f"train-requested:{project_id}"
 
 
-def _full_key(project_id: str) -> str:
+def full_key(project_id: str) -> str:
     return f"train-full:{project_id}"
 
 
@@ -259,8 +128,12 @@ class ThreadJobs:
     ):
         self.runtime = runtime
         self.debounce = debounce
-        self._train = train or (lambda pid, full: train_with_project_lock(runtime, pid, full))
-        self._predict = predict or (lambda pid, tasks: predict_and_post(runtime, pid, tasks))
+        self._train = train or (
+            lambda pid, full: background.train_with_project_lock(runtime, pid, full)
+        )
+        self._predict = predict or (
+            lambda pid, tasks: background.predict_and_post(runtime, pid, tasks)
+        )
         self._slots: dict[str, _TrainSlot] = {}
         self._lock = threading.Condition()
         self._pending_predictions = 0
@@ -342,10 +215,6 @@ class ThreadJobs:
             slot = self._slots.get(project_id)
             return slot is not None and slot.running
 
-    def busy(self) -> bool:
-        with self._lock:
-            return self._pending_predictions > 0 or any(s.running for s in self._slots.values())
-
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._lock:
@@ -367,32 +236,6 @@ class ThreadJobs:
 # ---------------------------------------------------------------------------------------------
 # RQ
 # ---------------------------------------------------------------------------------------------
-
-
-def rq_train(project_id: str) -> None:
-    """RQ job: one coalesced training of ``project_id`` (see the module docstring)."""
-    from .runtime import get_runtime
-
-    runtime = get_runtime()
-    time.sleep(runtime.settings.train_debounce)
-    store = runtime.store
-    # Clear the flag before reading anything: a request arriving from now on enqueues a new job.
-    store.release_lock(_requested_key(project_id))
-    train_with_project_lock(runtime, project_id, _pop_flag(store, _full_key(project_id)))
-
-
-def rq_retry_training(project_id: str) -> None:
-    """RQ scheduled job: request a training again (see :meth:`RQJobs.retry_training_later`)."""
-    from .runtime import get_runtime
-
-    get_runtime().jobs.request_training(project_id)
-
-
-def rq_predict(project_id: str, tasks: list[dict]) -> None:
-    """RQ job: predict ``tasks`` and post the predictions to Label Studio."""
-    from .runtime import get_runtime
-
-    predict_and_post(get_runtime(), project_id, tasks)
 
 
 class RQJobs:
@@ -426,17 +269,17 @@ class RQJobs:
         store = self.runtime.store
         mark_training_requested(store, project_id)
         if full:
-            store.acquire_lock(_full_key(project_id), 86400.0)
+            store.acquire_lock(full_key(project_id), 86400.0)
         # Only the request that sets the flag enqueues; the others ride on that job.
-        if store.acquire_lock(_requested_key(project_id), 86400.0) is None:
+        if store.acquire_lock(requested_key(project_id), 86400.0) is None:
             return
         try:
             with self._queue_errors("queueing a training"):
                 self.queue.enqueue(
-                    rq_train, project_id, job_id=f"train-{project_id}-{uuid.uuid4().hex[:12]}"
+                    RQ_TRAIN, project_id, job_id=f"train-{project_id}-{uuid.uuid4().hex[:12]}"
                 )
         except Exception:
-            store.release_lock(_requested_key(project_id))
+            store.release_lock(requested_key(project_id))
             raise
 
     def retry_training_later(self, project_id: str, delay: float) -> None:
@@ -444,17 +287,17 @@ class RQJobs:
         with self._queue_errors("scheduling a training retry"):
             self.queue.enqueue_in(
                 timedelta(seconds=delay),
-                rq_retry_training,
+                RQ_RETRY_TRAINING,
                 project_id,
                 job_id=f"retry-{project_id}-{uuid.uuid4().hex[:12]}",
             )
 
     def training_pending(self, project_id: str) -> bool:
         # The requested flag is set from the enqueue until the job starts.
-        probe = self.runtime.store.acquire_lock(_requested_key(project_id), 1.0)
+        probe = self.runtime.store.acquire_lock(requested_key(project_id), 1.0)
         if probe is None:
             return True
-        self.runtime.store.release_lock(_requested_key(project_id), probe)
+        self.runtime.store.release_lock(requested_key(project_id), probe)
         return False
 
     def submit_predictions(self, project_id: str, tasks: list[dict]) -> list[str]:
@@ -462,7 +305,7 @@ class RQJobs:
         with self._queue_errors("queueing background predictions"):
             for start in range(0, len(tasks), PREDICT_CHUNK):
                 job = self.queue.enqueue(
-                    rq_predict,
+                    RQ_PREDICT,
                     project_id,
                     tasks[start : start + PREDICT_CHUNK],
                     job_id=f"predict-{project_id}-{uuid.uuid4().hex[:12]}",

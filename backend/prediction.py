@@ -8,12 +8,12 @@ import logging
 import time
 from typing import Any
 
+from labelstudio import LabelingSchema, instances_to_results, interactive_prompts, task_score
+from labelstudio.api import LabelStudioAPI, LabelStudioAPIError
 from matcher_core import Instance, Reference
 
 from .errors import TASK_INPUT_ERRORS, BadRequest, LimitExceeded
-from .jobs import resume_stalled_training
-from .labelstudio import LabelingSchema, instances_to_results, interactive_prompts, task_score
-from .ls_api import LabelStudioAPI, LabelStudioAPIError
+from .leases import resume_stalled_training
 from .project import ProjectContext
 from .store import WAITING_VERSION, ProjectState, StoreError, key_part
 
@@ -21,7 +21,7 @@ log = logging.getLogger("oneshot.model")
 
 
 def predict(project: ProjectContext, tasks: list[dict], context: dict | None = None) -> dict:
-    """``/predict`` (see :meth:`model.OneShotModel.predict`): smart-tool requests, empty
+    """``/predict`` (see :meth:`backend.model.OneShotModel.predict`): smart-tool requests, empty
     predictions while there is no reference, else the batch.
 
     Raises:
@@ -243,7 +243,7 @@ def post_once(
     posting: a rerun of the job or a concurrent worker, arriving while Label Studio still holds
     the first post unstored, cannot see that post in the task's list, but sees the claim. A post
     that certainly stored nothing gives the claim back, so a later run may post; one whose fate
-    is unknown keeps it (see ``backend.ls_api``: at most once).
+    is unknown keeps it (see ``labelstudio.api``: at most once).
 
     Raises:
         LabelStudioAPIError, InvalidKey: the post failed, or the task id cannot name a claim.

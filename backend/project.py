@@ -1,6 +1,6 @@
 """One project as a request or a background job sees it: its id, label config, stored state,
 Label Studio connection and images. :class:`ProjectContext` is what the training, prediction and
-webhook modules work on; :class:`model.OneShotModel` is one.
+webhook use cases work on; :class:`backend.model.OneShotModel` holds one.
 """
 
 from __future__ import annotations
@@ -11,17 +11,19 @@ import re
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from labelstudio import ConfigError, LabelingSchema, parse_label_config, task_image_url
+from labelstudio.api import LabelStudioAPI
+from labelstudio.download import fetch_image_bytes
 from matcher_core.imageio import ImageError, load_image
 
 from .errors import BadRequest, store_failure
-from .fetch import fetch_image_bytes
-from .jobs import resume_stalled_training
-from .labelstudio import ConfigError, LabelingSchema, parse_label_config, task_image_url
-from .ls_api import LabelStudioAPI
-from .runtime import Runtime, get_runtime
+from .leases import resume_stalled_training
 from .store import ProjectState, StoreError
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 # The backend's model-side log lines keep one logger name, whichever module writes them.
 log = logging.getLogger("oneshot.model")
@@ -85,16 +87,15 @@ class ProjectContext:
         self,
         project_id: Any = None,
         label_config: str | None = None,
-        runtime: Runtime | None = None,
-        **kwargs: Any,
+        *,
+        runtime: Runtime,
     ):
-        self.runtime = runtime or get_runtime()
+        self.runtime = runtime
         self.settings = self.runtime.settings
         self.store = self.runtime.store
         self.metrics = self.runtime.metrics
         self.project_id = project_id_of(project_id) if project_id is not None else None
         self.label_config = label_config
-        self.extra = kwargs
 
     def require_project_id(self) -> str:
         """The project id.
@@ -160,6 +161,7 @@ class ProjectContext:
             max_bytes=self.settings.max_image_bytes,
             timeout=self.settings.fetch_timeout,
             allowed_hosts=self.settings.allowed_hosts,
+            local_files_root=self.settings.local_files_root,
         )
         try:
             return load_image(data, self.settings.max_image_pixels)

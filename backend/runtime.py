@@ -15,14 +15,14 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from .metrics import Metrics
+from .jobs import Jobs, make_jobs
 from .settings import Settings
 from .store import StateStore, make_store
+from .telemetry import Metrics
 
 if TYPE_CHECKING:
     from matcher_core import OneShotSegmenter, Reference
 
-    from .jobs import Jobs
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,6 @@ class Runtime:
         metrics: Metrics | None = None,
         segmenter: OneShotSegmenter | None = None,
     ):
-        from .jobs import make_jobs
-
         self.settings = settings
         self.store = store if store is not None else make_store(settings)
         self.metrics = metrics or Metrics()

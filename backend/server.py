@@ -34,9 +34,13 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from .errors import BackendError, BadRequest
+from .model import OneShotModel
+from .project import project_id_of
 from .runtime import Runtime, get_runtime
 from .settings import Settings, check_base_url
 from .store import StoreError
+from .telemetry import Metrics
 
 log = logging.getLogger("oneshot.server")
 
@@ -162,8 +166,6 @@ def _json_body(max_depth: int) -> dict:
     Raises:
         BadRequest: the body is not JSON, not an object, or nested deeper than ``max_depth``.
     """
-    from model import BadRequest
-
     data = request.get_data(cache=True)
     if not data:
         return {}
@@ -191,8 +193,6 @@ def _optional_text(body: dict, key: str) -> str | None:
     Raises:
         BadRequest: present with another type.
     """
-    from model import BadRequest
-
     value = body.get(key)
     if value is None or isinstance(value, str):
         return value
@@ -205,8 +205,6 @@ def _optional_url(body: dict, key: str) -> str | None:
     Raises:
         BadRequest: another type, or not an http(s) URL with a host.
     """
-    from model import BadRequest
-
     value = _optional_text(body, key)
     if not value:
         return None
@@ -220,8 +218,6 @@ def _optional_url(body: dict, key: str) -> str | None:
 
 def create_app(runtime: Runtime | None = None) -> Flask:
     """The Flask application serving ``runtime`` (the process's runtime by default)."""
-    from model import BackendError, BadRequest, OneShotModel, project_id_of
-
     runtime = runtime or get_runtime()
     settings = runtime.settings
     metrics = runtime.metrics
@@ -238,7 +234,15 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     if not settings.auth_enabled:
         log.warning("no BASIC_AUTH_USER/BASIC_AUTH_PASS: every route is open")
 
-    # --- cross-cutting: auth, timing, errors ----------------------------------------------
+    _register_hooks(app, settings, metrics)
+    _register_error_handlers(app, settings)
+    _register_routes(app, runtime)
+    return app
+
+
+def _register_hooks(app: Flask, settings: Settings, metrics: Metrics) -> None:
+    """Cross-cutting, every request: basic auth, body buffering, timing, the access log."""
+
     @app.before_request
     def start_request() -> Any:
         g.started = time.perf_counter()
@@ -271,6 +275,10 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         )
         return response
 
+
+def _register_error_handlers(app: Flask, settings: Settings) -> None:
+    """Every failure answered as ``{"error": message}`` with its status."""
+
     @app.errorhandler(BackendError)
     def backend_error(error: BackendError):
         log.warning("%s %s refused (%d): %s", request.method, request.path, error.status, error)
@@ -301,7 +309,13 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         log.exception("%s %s failed", request.method, request.path)
         return _error(500, f"internal error: {type(error).__name__}: {error}")
 
-    # --- routes ---------------------------------------------------------------------------
+
+def _register_routes(app: Flask, runtime: Runtime) -> None:
+    """The ML backend protocol: ``/health``, ``/setup``, ``/predict``, ``/webhook``, ``/train``,
+    ``/versions``, ``/metrics``."""
+    settings = runtime.settings
+    metrics = runtime.metrics
+
     @app.get("/health")
     def health():
         # No store or model access here: Label Studio gives /health 1 s, also mid-predict.
@@ -378,5 +392,3 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     @app.get("/metrics")
     def prometheus_metrics():
         return Response(metrics.render(), mimetype="text/plain; version=0.0.4; charset=utf-8")
-
-    return app

@@ -13,9 +13,10 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from matcher_core.config import PRESETS, SegmenterConfig, tiny_config
+from labelstudio.redaction import redact_url
+from matcher_core.config import PRESETS, TINY_MODELS, SegmenterConfig, tiny_config
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +68,6 @@ def gpu_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def redact_url(url: str | None) -> str | None:
-    """``url`` with any password replaced by ``***`` (for logs and error messages)."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
 
 
 DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
@@ -193,6 +180,9 @@ class Settings:
     fetch_timeout: float = 30.0
     allowed_hosts: tuple[str, ...] = ()
     """Extra hosts images may be downloaded from, besides Label Studio's own."""
+    local_files_root: str | None = None
+    """``LOCAL_FILES_DOCUMENT_ROOT``: ``/data/local-files/?d=...`` images are read from under it
+    (as Label Studio's own setting); unset, they are downloaded from Label Studio."""
     predict_time_budget: float = 60.0
     """Seconds one ``/predict`` call may spend; the rest of a batch finishes in the background
     (Label Studio gives up after 100 s)."""
@@ -208,25 +198,31 @@ class Settings:
     that, so a killed trainer frees the project within one lease and its training is rerun."""
     post_retries: int = 5
     """Retries of a background prediction post when Label Studio is unreachable or answers
-    408/429/5xx (exponential backoff; never posted twice, see ``backend/ls_api.py``)."""
+    408/429/5xx (exponential backoff; never posted twice, see ``labelstudio/api.py``)."""
     post_retry_backoff: float = 1.0
     """First retry delay in seconds (doubled each retry, at most 60 s)."""
     cache_bytes: int = 512 * 1024 * 1024
+    """``CACHE_BYTES``: memory for cached image embeddings per process (LRU; 0 turns it off)."""
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read the settings from ``env`` (``os.environ`` by default).
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Read the settings from ``env`` (``os.environ`` by default), ``overrides`` (e.g. command
+        line flags, by variable name) winning. The one reader of the environment.
 
         Raises:
             SettingsError: a variable holds an unusable value (the message names it).
         """
         env = os.environ if env is None else env
+        if overrides:
+            env = {**env, **overrides}
         random_weights = _flag(env, "ONESHOT_RANDOM_WEIGHTS")
         device = _text(env, "DEVICE", "auto")
         on_gpu = device.startswith("cuda") or (device == "auto" and gpu_available())
         defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
         if random_weights:
-            defaults = {"sam_type": "tiny", "encoder": "tiny"}
+            defaults = {"sam_type": TINY_MODELS["sam_type"], "encoder": TINY_MODELS["encoder"]}
         mode = _text(env, "MODE", "matcher").lower()
         if mode not in MODES:
             raise SettingsError(f"MODE={mode!r}: choose one of {', '.join(MODES)}")
@@ -291,6 +287,7 @@ class Settings:
             ),
             fetch_timeout=_number(env, "FETCH_TIMEOUT", cls.fetch_timeout, float, 0.1),
             allowed_hosts=hosts,
+            local_files_root=_text(env, "LOCAL_FILES_DOCUMENT_ROOT"),
             predict_time_budget=_number(
                 env, "PREDICT_TIME_BUDGET", cls.predict_time_budget, float, 0.0
             ),
@@ -319,7 +316,7 @@ class Settings:
             # or the best proposal); only tiny masks are let through, since the tiny models'
             # masks are small.
             config = tiny_config(model_dir=self.model_dir).replace(min_instance_area=1)
-            if self.sam_model_type != "tiny" or self.encoder != "tiny":
+            if (self.sam_model_type, self.encoder) != tuple(TINY_MODELS.values()):
                 # Random weights of a real-size architecture: allowed, but slow; say so.
                 config = config.replace(
                     sam_type=self.sam_model_type,

@@ -2,7 +2,7 @@
 stored annotations.
 
 The first usable annotation (oldest first) becomes the reference; every usable annotation is
-then handed to the model's learning hook (:meth:`model.OneShotModel.learn`, which defaults to
+then handed to the model's learning hook (:meth:`backend.model.OneShotModel.learn`, which defaults to
 :func:`learn_from_examples`). The result is written only while the training lease is held, and
 the model version is a hash of the state it decides predictions with.
 """
@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from labelstudio import LabelingSchema, annotation_to_masks
 from matcher_core import Example, Reference
 from matcher_core.learning import Correction, model_version
 from matcher_core.learning import learn as learn_from_corrections
 
 from .errors import TASK_INPUT_ERRORS
-from .labelstudio import LabelingSchema, annotation_to_masks
 from .project import ProjectContext
 from .store import (
     WAITING_VERSION,
@@ -150,107 +150,52 @@ def sync_examples_from_label_studio(project: ProjectContext, state: ProjectState
 
 def train(
     project: ProjectContext,
-    learn: LearnHook,
+    learn: LearnHook | None = None,
     full: bool = False,
     fence: tuple[str, str] | None = None,
 ) -> ProjectState:
-    """One training of ``project`` (see :meth:`model.OneShotModel.train`).
+    """One training of ``project`` (see :meth:`backend.model.OneShotModel.train`).
 
     Args:
         learn: the learning hook, called with every usable example once there is a reference
-            and something new to learn.
+            and something new to learn (default: :func:`learn_from_examples`).
         full: refetch every annotation from Label Studio and rebuild from scratch.
         fence: ``(lock, token)`` of the training lease: the result is written only while
-            that lease is held (see ``backend.jobs``).
+            that lease is held (see ``backend.leases``).
 
     Returns:
         The project's state after the training (the previous one when it failed cleanly).
     """
+    custom_hook = learn is not None
+    if learn is None:
+
+        def learn(state: ProjectState, reference: Reference, examples: list[TrainingExample]):
+            return learn_from_examples(project, state, reference, examples)
+
     started = time.perf_counter()
     project_id = project.require_project_id()
-    store, metrics, runtime = project.store, project.metrics, project.runtime
     requested: float | None = None
     try:
-        state = store.load(project_id)
+        state = project.store.load(project_id)
         requested = state.training_requested_at
-        schema = project.schema(state)
-        if full:
-            sync_examples_from_label_studio(project, state)
-        stored = sorted(store.examples(project_id).items(), key=example_order)
-        # An example stored again after it was learned (e.g. an annotation updated while
-        # the last training ran, which then marked the old content applied) is learned anew.
-        relearn = {
-            key
-            for key, payload in stored
-            if state.applied_stamps.get(key, payload.get("received_at"))
-            != payload.get("received_at")
-        }
-        state.applied_examples = [k for k in state.applied_examples if k not in relearn]
-        segmenter = runtime.segmenter()
-        loader = example_loader(project, schema, state, {})
-        examples = [
-            TrainingExample(key, p.get("annotation", {}), p.get("task") or {}, loader)
-            for key, p in stored
-        ]
-        keys = {e.key for e in examples}
-        source = (state.reference_source or {}).get("key")
-        reference = None
-        if state.reference is not None and not full:
-            reference = Reference.from_bytes(state.reference)  # a private copy to modify
-        rebuild = (
-            reference is None
-            or source not in keys
-            or source not in state.applied_examples
-            or reference.model_id != segmenter.model_id
-        )
-        applied = [] if rebuild else list(state.applied_examples)
-        failures: dict[str, str] = {}
-        if rebuild:
-            reference, source = None, None
-            state.learned = {}  # learned state is relearned from scratch with the reference
-            for example in examples:
-                try:
-                    reference = segmenter.build_reference([example.load()])
-                except TASK_INPUT_ERRORS as error:
-                    failures[example.key] = str(error)
-                    log.warning(
-                        "project %s %s cannot be the reference: %s",
-                        project_id,
-                        example.key,
-                        error,
-                    )
-                    continue
-                source = example.key
-                applied = [example.key]
-                break
-        pending = [e for e in examples if e.key not in applied and e.key not in failures]
-        learned_something = False
-        if reference is not None and any(loads(e) for e in list(pending)):
-            usable = [e for e in examples if e.key not in failures]
-            learned = learn(state, reference, usable)
-            if learned is not None:
-                reference, learned_something = learned, True
-                # Only what loaded was learned: the rest stays pending for the retry.
-                applied += [e.key for e in pending if e.error is None]
+        run = _TrainingRun(project, state, full)
+        run.prepare()
+        run.learn(learn)
     except Exception as error:
         training_failed(project, project_id, error, started, requested)
         raise
 
-    unlearned = {
-        **failures,
-        **{e.key: e.error for e in examples if e.error and e.key not in applied},
-    }
+    unlearned = run.unlearned()
     if unlearned:
         schedule_retry(project, project_id, unlearned)
-    if reference is None and failures:
+    if run.reference is None and run.failures:
         # Nothing usable now (Label Studio down, images failing): keep serving what we have.
-        error = RuntimeError("no annotation could be used: " + "; ".join(failures.values()))
+        error = RuntimeError("no annotation could be used: " + "; ".join(run.failures.values()))
         training_failed(project, project_id, error, started, requested)
-        return store.load(project_id)
-
-    if not rebuild and not learned_something:
-        log.info("project %s: nothing new to learn (%d pending)", project_id, len(pending))
-        metrics.trainings.inc("skipped")
+        return project.store.load(project_id)
+    if not run.rebuild and not run.learned_something:
+        log.info("project %s: nothing new to learn (%d pending)", project_id, len(run.pending))
+        project.metrics.trainings.inc("skipped")
 
         def served(current: ProjectState) -> ProjectState | None:
             if not unlearned:
@@ -259,26 +204,134 @@ def train(
             request_served(current, requested)
             return current
 
-        return store.update(project_id, served, reason="nothing to learn", fence=fence)
-    if reference is not None:
-        cap_shots(project, reference)
+        return project.store.update(project_id, served, reason="nothing to learn", fence=fence)
+    if run.reference is not None and custom_hook:
+        cap_shots(project, run.reference)
+    return _commit(project, run, unlearned, fence, started, requested)
+
+
+class _TrainingRun:
+    """One training's work before anything is written: the examples, the reference (kept or
+    rebuilt from the first usable annotation) and what the learning hook made of the rest."""
+
+    def __init__(self, project: ProjectContext, state: ProjectState, full: bool):
+        self.project, self.state, self.full = project, state, full
+        self.project_id = project.require_project_id()
+        self.stored: list[tuple[str, dict]] = []
+        self.examples: list[TrainingExample] = []
+        self.reference: Reference | None = None
+        self.source: str | None = None
+        self.rebuild = False
+        self.applied: list[str] = []
+        self.failures: dict[str, str] = {}
+        """Examples that cannot be the reference (key -> why)."""
+        self.pending: list[TrainingExample] = []
+        self.learned_something = False
+
+    def prepare(self) -> None:
+        """Load the stored examples and decide whether the reference is rebuilt."""
+        project, state, store = self.project, self.state, self.project.store
+        schema = project.schema(state)
+        if self.full:
+            sync_examples_from_label_studio(project, state)
+        self.stored = sorted(store.examples(self.project_id).items(), key=example_order)
+        # An example stored again after it was learned (e.g. an annotation updated while
+        # the last training ran, which then marked the old content applied) is learned anew.
+        relearn = {
+            key
+            for key, payload in self.stored
+            if state.applied_stamps.get(key, payload.get("received_at"))
+            != payload.get("received_at")
+        }
+        state.applied_examples = [k for k in state.applied_examples if k not in relearn]
+        segmenter = project.runtime.segmenter()
+        loader = example_loader(project, schema, state, {})
+        self.examples = [
+            TrainingExample(key, p.get("annotation", {}), p.get("task") or {}, loader)
+            for key, p in self.stored
+        ]
+        keys = {e.key for e in self.examples}
+        source = (state.reference_source or {}).get("key")
+        if state.reference is not None and not self.full:
+            self.reference = Reference.from_bytes(state.reference)  # a private copy to modify
+        self.rebuild = (
+            self.reference is None
+            or source not in keys
+            or source not in state.applied_examples
+            or self.reference.model_id != segmenter.model_id
+        )
+        self.source = source
+        self.applied = [] if self.rebuild else list(state.applied_examples)
+        if self.rebuild:
+            self._build_reference(segmenter)
+
+    def _build_reference(self, segmenter) -> None:
+        """The reference from the first example that loads (the others' failures kept)."""
+        self.reference, self.source = None, None
+        self.state.learned = {}  # learned state is relearned from scratch with the reference
+        for example in self.examples:
+            try:
+                self.reference = segmenter.build_reference([example.load()])
+            except TASK_INPUT_ERRORS as error:
+                self.failures[example.key] = str(error)
+                log.warning(
+                    "project %s %s cannot be the reference: %s", self.project_id, example.key, error
+                )
+                continue
+            self.source = example.key
+            self.applied = [example.key]
+            break
+
+    def learn(self, learn: LearnHook) -> None:
+        """Hand every usable example to ``learn`` when something new loads."""
+        self.pending = [
+            e for e in self.examples if e.key not in self.applied and e.key not in self.failures
+        ]
+        if self.reference is None or not any(loads(e) for e in list(self.pending)):
+            return
+        usable = [e for e in self.examples if e.key not in self.failures]
+        learned = learn(self.state, self.reference, usable)
+        if learned is not None:
+            self.reference, self.learned_something = learned, True
+            # Only what loaded was learned: the rest stays pending for the retry.
+            self.applied += [e.key for e in self.pending if e.error is None]
+
+    def unlearned(self) -> dict[str, str]:
+        """Examples not learned this time (key -> why): retried later."""
+        return {
+            **self.failures,
+            **{e.key: e.error for e in self.examples if e.error and e.key not in self.applied},
+        }
+
+
+def _commit(
+    project: ProjectContext,
+    run: _TrainingRun,
+    unlearned: dict[str, str],
+    fence: tuple[str, str] | None,
+    started: float,
+    requested: float | None,
+) -> ProjectState:
+    """Write the run's reference, learned state and version (fenced by the lease) and log it."""
+    project_id, state, reference = run.project_id, run.state, run.reference
     version = model_version_of(reference, state.learned, project.settings.mode)
     blob = reference.to_bytes() if reference is not None else None
     source_info = None
-    if source is not None:
-        annotation = next(e.annotation for e in examples if e.key == source)
+    if run.source is not None:
+        annotation = next(e.annotation for e in run.examples if e.key == run.source)
         source_info = {
-            "key": source,
+            "key": run.source,
             "annotation_id": annotation.get("id"),
             "task_id": annotation.get("task"),
         }
-    reason = "full retraining" if full else ("reference built" if rebuild else "learned")
+    reason = "full retraining" if run.full else ("reference built" if run.rebuild else "learned")
+    applied = run.applied
 
     def change(current: ProjectState) -> ProjectState:
         current.reference = blob
         current.reference_source = source_info
         current.applied_examples = applied
-        received = {key: payload.get("received_at") for key, payload in stored}
+        received = {key: payload.get("received_at") for key, payload in run.stored}
         current.applied_stamps = {key: received.get(key) for key in applied}
         current.model_version = version
         current.learned = state.learned
@@ -287,21 +340,21 @@ def train(
         return current
 
     try:
-        new_state = store.update(project_id, change, reason=reason, fence=fence)
+        new_state = project.store.update(project_id, change, reason=reason, fence=fence)
     except StoreError as error:
         training_failed(project, project_id, error, started, requested)
         raise
     seconds = time.perf_counter() - started
-    metrics.trainings.inc("ok")
-    metrics.training_seconds.observe(seconds)
+    project.metrics.trainings.inc("ok")
+    project.metrics.training_seconds.observe(seconds)
     log.info(
         "project %s: %s from %d annotation(s) (%d learned, %d unusable) in %.1f s; "
         "model version %s -> %s",
         project_id,
         reason,
-        len(examples),
+        len(run.examples),
         len(applied),
-        len(failures),
+        len(run.failures),
         seconds,
         state.model_version,
         version,
@@ -355,25 +408,21 @@ def request_served(state: ProjectState, requested: float | None) -> ProjectState
 
 
 def cap_shots(project: ProjectContext, reference: Reference) -> None:
-    """Keep at most ``MAX_SHOTS_PER_LABEL`` shots per label, saying so: the reference's own
-    (base) shots first, then the newest learned ones."""
+    """Keep at most ``MAX_SHOTS_PER_LABEL`` shots per label (:meth:`LabelReference.cap_shots`),
+    saying so. Applied to what a custom learning hook returns; the default one caps itself."""
     limit = project.settings.max_shots_per_label
     for name, label_ref in reference.labels.items():
-        if len(label_ref.shots) > limit:
+        count = len(label_ref.shots)
+        if label_ref.cap_shots(limit):
             log.warning(
                 "project %s label %r: %d reference shots, over the limit of %d "
                 "(MAX_SHOTS_PER_LABEL); keeping the newest %d",
                 project.project_id,
                 name,
-                len(label_ref.shots),
+                count,
                 limit,
                 limit,
             )
-            base = min(label_ref.base_shots or 0, limit)
-            learned = label_ref.shots[base:][-(limit - base) :] if limit > base else []
-            label_ref.shots = label_ref.shots[:base] + learned
-            if label_ref.base_shots is not None:
-                label_ref.base_shots = base
 
 
 def training_failed(
@@ -413,7 +462,7 @@ def learn_from_examples(
     examples: list[TrainingExample],
 ) -> Reference | None:
     """The default learning hook: :func:`matcher_core.learning.learn` on every example that
-    loads, with its figures in the metrics and the log (see :meth:`model.OneShotModel.learn`).
+    loads, with its figures in the metrics and the log (see :meth:`backend.model.OneShotModel.learn`).
     """
     corrections = []
     for example in examples:

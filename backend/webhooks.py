@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadRequest, LimitExceeded, store_failure
-from .labelstudio import (
+from labelstudio import (
     MASK_CAPABLE_TYPES,
     AnnotationError,
     LabelingSchema,
     annotation_to_masks,
 )
+
+from .errors import BadRequest, LimitExceeded, store_failure
 from .project import ProjectContext, project_id_of
 from .store import InvalidKey, ProjectState, StoreError, example_key
 
@@ -28,7 +29,7 @@ HANDLED_EVENTS = (*TRAINING_EVENTS, "ANNOTATIONS_DELETED", "START_TRAINING")
 
 
 def handle_webhook(project: ProjectContext, event: str | None, data: dict) -> dict:
-    """Dispatch one webhook event (see :meth:`model.OneShotModel.fit`); fills in the project's
+    """Dispatch one webhook event (see :meth:`backend.model.OneShotModel.fit`); fills in the project's
     id and label config from the payload when the request did not carry them.
 
     Raises:

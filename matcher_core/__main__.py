@@ -133,11 +133,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
             )
         (out / f"{path.stem}.json").write_text(json.dumps(summary, indent=2))
         if args.label_studio_json:
-            from backend.labelstudio import (
-                instances_to_results,
-                label_config_xml,
-                parse_label_config,
-            )
+            # The CLI program (not the library) offers Label Studio's format as an option; the
+            # one engine module allowed to import upward (see the import-linter contract).
+            from labelstudio import instances_to_results, label_config_xml, parse_label_config
 
             tag = {"brush": "BrushLabels", "polygon": "PolygonLabels"}[args.label_studio_json]
             schema = parse_label_config(label_config_xml([(tag, "label", list(example.masks))]))
@@ -155,12 +153,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .datasets import folder_dataset, labelstudio_export_dataset
+    from .datasets import folder_dataset
     from .evaluate import evaluate, write_report
     from .segmenter import OneShotSegmenter
 
     config = config_from_args(args)
     if args.labelstudio_export:
+        from labelstudio.export import labelstudio_export_dataset  # see cmd_segment
+
         categories = labelstudio_export_dataset(args.labelstudio_export, args.image_root or ".")
     else:
         categories = folder_dataset(args.dataset)

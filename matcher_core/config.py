@@ -341,9 +341,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+TINY_MODELS = {"sam_type": "tiny", "encoder": "tiny"}
+"""Random weights mean tiny models unless others are named (the one home of that rule:
+``ONESHOT_RANDOM_WEIGHTS``, ``--random-weights``, the tests' fixtures)."""
+
+
 def tiny_config(**changes: Any) -> SegmenterConfig:
     """The small random-weight configuration used by tests and smoke runs."""
-    base = SegmenterConfig(
-        sam_type="tiny", encoder="tiny", encoder_input_size=112, random_weights=True, device="cpu"
-    )
+    base = SegmenterConfig(**TINY_MODELS, encoder_input_size=112, random_weights=True, device="cpu")
     return base.replace(**changes)

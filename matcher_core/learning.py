@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .features import ImageFeatures, pool_mask_to_grid
+from .metrics import iou
 from .reference import Example, Instance, LabelReference, Reference, Shot
 from .scoring import inside_cells
 
@@ -78,7 +79,8 @@ class LearningReport:
     counts), and with PerSAM-F ``loss_before``, ``loss_after``, ``weights_seconds``."""
     seconds: float = 0.0
     version: str = ""
-    """:func:`model_version` of the learned reference."""
+    """:func:`model_version` of the learned reference (its content hash; the version the service
+    serves, ``backend.training.model_version_of``, hashes the mode and this report too)."""
 
 
 # --- state and versions ---------------------------------------------------------------------
@@ -133,15 +135,9 @@ def model_version(reference: Reference, context: dict | None = None) -> str:
 # --- small pieces ---------------------------------------------------------------------------
 
 
-def mask_iou(first: np.ndarray, second: np.ndarray) -> float:
-    """IoU of two ``(H, W)`` bool masks (0 when both are empty)."""
-    union = np.logical_or(first, second).sum()
-    return float(np.logical_and(first, second).sum() / union) if union else 0.0
-
-
 def best_iou(mask: np.ndarray, truths: list[np.ndarray]) -> float:
     """Largest IoU of ``mask`` with any of ``truths`` (0 when there are none)."""
-    return max((mask_iou(mask, truth) for truth in truths), default=0.0)
+    return max((iou(mask, truth) for truth in truths), default=0.0)
 
 
 def calibrate_threshold(
@@ -231,7 +227,7 @@ def _segment_label(
     segmenter: OneShotSegmenter, features: ImageFeatures, label_ref: LabelReference
 ) -> list[Instance]:
     """Every instance the configured pipeline (Matcher or PerSAM) finds, before any threshold."""
-    return segmenter._pipeline().segment_label(segmenter, features, label_ref)
+    return segmenter.segment_label(features, label_ref)
 
 
 def _task_key(task_id: int | str | None) -> tuple:
@@ -346,7 +342,7 @@ def learn(
         The learned reference (a new object; ``reference`` is not modified) and a report.
     """
     start = time.perf_counter()
-    segmenter._check_model(reference)
+    segmenter.check_model(reference)
     if max_shots < 1:
         raise ValueError("max_shots must be at least 1")
     base = base_reference(reference)
@@ -371,43 +367,15 @@ def learn(
     for label in labels:
         base_shots = base.labels[label].shots if label in base.labels else []
         # 2. Shots: base shots, then corrections worst predicted first.
-        sources: list[int | None] = [None] * len(base_shots)
-        candidates = []
-        for index, item in enumerate(seen):
-            truths = item.truth(label)
-            if not truths:
-                continue
-            same_image = [
-                j
-                for j, shot in enumerate(base_shots)
-                if np.array_equal(shot.patch_features, seen_features[index])
-            ]
-            if same_image:
-                sources[same_image[0]] = index
-                continue
-            shown = [
-                i.mask for i in predictions.get((label, index), []) if i.score >= threshold_shown
-            ]
-            predicted = np.any(shown, axis=0) if shown else np.zeros_like(truths[0])
-            missed = 1.0 - mask_iou(predicted, np.any(truths, axis=0))
-            candidates.append((-missed, index))
-        candidates.sort()
-        chosen = [index for _, index in candidates[: max(0, max_shots - len(base_shots))]]
+        chosen, sources = _choose_corrections(
+            label, base_shots, seen, seen_features, predictions, threshold_shown, max_shots
+        )
         shots = list(base_shots) + [
             segmenter.make_shot(seen[index].features, seen[index].truth(label)) for index in chosen
         ]
-        sources += chosen
         shot_sources[label] = sources
-
         # 3. Negatives: predictions that overlap no annotated mask of the label.
-        regions[label] = []
-        for index, item in enumerate(seen):
-            for instance in predictions.get((label, index), []):
-                if best_iou(instance.mask, item.truth(label)) < DELETED_IOU:
-                    grid = tuple(item.features.patch_features.shape[:2])
-                    cells = _deleted_cells(instance, item, label, grid)
-                    if len(cells):
-                        regions[label].append((index, cells))
+        regions[label] = _deleted_regions(label, seen, predictions)
         negatives = select_negatives(regions[label], _object_features(shots), max_negatives)
         learned.labels[label] = LabelReference(
             label=label, shots=shots, negatives=negatives, base_shots=len(base_shots)
@@ -431,27 +399,9 @@ def learn(
 
     # 5. Thresholds, on leave-one-out predictions of the learned reference.
     for label, label_ref in learned.labels.items():
-        scores, kept = [], []
-        for index, item in enumerate(seen):
-            own_shot = [s == index for s in shot_sources[label]]
-            own_negatives = any(source == index for source, _ in regions[label])
-            if any(own_shot) or own_negatives:
-                shots = [s for s, own in zip(label_ref.shots, own_shot, strict=True) if not own]
-                if not shots:
-                    continue
-                judge = LabelReference(
-                    label=label,
-                    shots=shots,
-                    negatives=select_negatives(
-                        regions[label], _object_features(label_ref.shots), max_negatives, index
-                    ),
-                    mask_weights=label_ref.mask_weights,
-                )
-            else:
-                judge = label_ref
-            for instance in _segment_label(segmenter, item.features, judge):
-                scores.append(instance.score)
-                kept.append(best_iou(instance.mask, item.truth(label)) >= KEPT_IOU)
+        scores, kept = _leave_one_out(
+            segmenter, label_ref, seen, shot_sources[label], regions[label], max_negatives
+        )
         label_ref.score_threshold = calibrate_threshold(np.asarray(scores), np.asarray(kept))
         report.labels[label].update(
             threshold=label_ref.score_threshold,
@@ -460,11 +410,97 @@ def learn(
 
     report.seconds = time.perf_counter() - start
     report.version = model_version(learned)
+    # No version in this line: the service logs the version it serves (which also hashes the mode
+    # and this report, see backend.training.model_version_of).
     log.info(
-        "learned %s from %d corrections in %.1f s: %s",
-        report.version,
+        "learned from %d corrections in %.1f s: %s",
         report.examples,
         report.seconds,
         report.labels,
     )
     return learned, report
+
+
+def _choose_corrections(
+    label: str,
+    base_shots: list[Shot],
+    seen: list[_Seen],
+    seen_features: list[np.ndarray],
+    predictions: dict[tuple[str, int], list[Instance]],
+    threshold_shown: float,
+    max_shots: int,
+) -> tuple[list[int], list[int | None]]:
+    """Step 2: the corrections that become shots of ``label``, worst predicted first, and the
+    source (correction index, None for the reference's own) of every shot, base shots first."""
+    sources: list[int | None] = [None] * len(base_shots)
+    candidates = []
+    for index, item in enumerate(seen):
+        truths = item.truth(label)
+        if not truths:
+            continue
+        same_image = [
+            j
+            for j, shot in enumerate(base_shots)
+            if np.array_equal(shot.patch_features, seen_features[index])
+        ]
+        if same_image:
+            sources[same_image[0]] = index
+            continue
+        shown = [i.mask for i in predictions.get((label, index), []) if i.score >= threshold_shown]
+        predicted = np.any(shown, axis=0) if shown else np.zeros_like(truths[0])
+        missed = 1.0 - iou(predicted, np.any(truths, axis=0))
+        candidates.append((-missed, index))
+    candidates.sort()
+    chosen = [index for _, index in candidates[: max(0, max_shots - len(base_shots))]]
+    return chosen, sources + chosen
+
+
+def _deleted_regions(
+    label: str, seen: list[_Seen], predictions: dict[tuple[str, int], list[Instance]]
+) -> list[tuple[int, np.ndarray]]:
+    """Step 3: ``(correction index, patch cells)`` of every prediction of ``label`` that no
+    annotated mask of it overlaps (a deletion)."""
+    regions = []
+    for index, item in enumerate(seen):
+        for instance in predictions.get((label, index), []):
+            if best_iou(instance.mask, item.truth(label)) < DELETED_IOU:
+                grid = tuple(item.features.patch_features.shape[:2])
+                cells = _deleted_cells(instance, item, label, grid)
+                if len(cells):
+                    regions.append((index, cells))
+    return regions
+
+
+def _leave_one_out(
+    segmenter: OneShotSegmenter,
+    label_ref: LabelReference,
+    seen: list[_Seen],
+    sources: list[int | None],
+    regions: list[tuple[int, np.ndarray]],
+    max_negatives: int,
+) -> tuple[list[float], list[bool]]:
+    """Step 5: scores of the learned reference's predictions on every correction, leaving out
+    what that correction contributed, and whether each was kept (matches an annotated mask)."""
+    label = label_ref.label
+    scores, kept = [], []
+    for index, item in enumerate(seen):
+        own_shot = [s == index for s in sources]
+        own_negatives = any(source == index for source, _ in regions)
+        if any(own_shot) or own_negatives:
+            shots = [s for s, own in zip(label_ref.shots, own_shot, strict=True) if not own]
+            if not shots:
+                continue
+            judge = LabelReference(
+                label=label,
+                shots=shots,
+                negatives=select_negatives(
+                    regions, _object_features(label_ref.shots), max_negatives, index
+                ),
+                mask_weights=label_ref.mask_weights,
+            )
+        else:
+            judge = label_ref
+        for instance in _segment_label(segmenter, item.features, judge):
+            scores.append(instance.score)
+            kept.append(best_iou(instance.mask, item.truth(label)) >= KEPT_IOU)
+    return scores, kept

@@ -48,8 +48,8 @@ from .scoring import (
 
 if TYPE_CHECKING:
     from .config import SegmenterConfig
+    from .pipelines import PipelineContext
     from .proposals import PromptableSegmenter
-    from .segmenter import OneShotSegmenter
 
 SUPPRESSED_LOGIT = -20.0
 """Logit given to the pixels of a SAM mask that belong to another of its connected pieces."""
@@ -114,7 +114,7 @@ def prompt_sets(
 
 
 def segment_label(
-    segmenter: OneShotSegmenter, target: ImageFeatures, label_ref: LabelReference
+    segmenter: PipelineContext, target: ImageFeatures, label_ref: LabelReference
 ) -> list[Instance]:
     """Instances of ``label_ref``'s object in ``target``, best score first.
 
@@ -170,7 +170,7 @@ def _grid_coverage(masks: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 
 
 def union_output(
-    segmenter: OneShotSegmenter,
+    segmenter: PipelineContext,
     target: ImageFeatures,
     label: str,
     proposals: Proposals,
@@ -210,7 +210,7 @@ def union_output(
 
 
 def separate_instances(
-    segmenter: OneShotSegmenter,
+    segmenter: PipelineContext,
     target: ImageFeatures,
     label_ref: LabelReference,
     proposals: Proposals,

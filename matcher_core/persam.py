@@ -78,7 +78,7 @@ from .sam_decoder import DecoderOutput, SamDecoder, SemanticPrompt, blend
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import SegmenterConfig
-    from .segmenter import OneShotSegmenter
+    from .pipelines import PipelineContext
 
 #: Most decoding rounds per label and target, as a multiple of ``max_instances`` (rounds that find
 #: a duplicate or an empty mask still suppress a region, so the loop always ends; this bounds it).
@@ -323,7 +323,7 @@ def first_pass(
 
 
 def cascade(
-    segmenter: OneShotSegmenter,
+    segmenter: PipelineContext,
     features: ImageFeatures,
     prompt: FirstPassPrompt,
     target_embedding: np.ndarray,
@@ -454,7 +454,7 @@ def instance_score(iou: float, peak: float, baseline: float) -> float:
 
 @torch.inference_mode()
 def segment_label(
-    segmenter: OneShotSegmenter, target: ImageFeatures, label_ref: LabelReference
+    segmenter: PipelineContext, target: ImageFeatures, label_ref: LabelReference
 ) -> list[Instance]:
     """Instances of one label in a target image, PerSAM / PerSAM-F style (module docstring).
 

@@ -104,6 +104,20 @@ class LabelReference:
     learning from corrections (:mod:`matcher_core.learning`), which rebuilds them from scratch.
     ``None``: every shot is a reference shot (nothing learned)."""
 
+    def cap_shots(self, limit: int) -> int:
+        """Keep at most ``limit`` shots: the base shots first (as many as fit), then the newest
+        learned ones. The one home of the shot cap (``MAX_SHOTS_PER_LABEL``, few-shot adding).
+        Returns how many shots were dropped."""
+        if len(self.shots) <= limit:
+            return 0
+        dropped = len(self.shots) - limit
+        base = min(self.base_shots or 0, limit)
+        learned = self.shots[base:][-(limit - base) :] if limit > base else []
+        self.shots = self.shots[:base] + learned
+        if self.base_shots is not None:
+            self.base_shots = base
+        return dropped
+
     def sam_target_embedding(self) -> np.ndarray:
         """``(C,)`` mean of the shots' SAM target embeddings."""
         return np.mean([s.sam_target_embedding for s in self.shots], axis=0).astype(np.float32)

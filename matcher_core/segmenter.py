@@ -27,6 +27,7 @@ from .features import (
 )
 from .models import load_encoder, load_sam, select_device
 from .persam import valid_cells
+from .pipelines import pipeline_for
 from .prior import reference_statistics
 from .reference import Example, Instance, LabelReference, Reference, Shot
 from .sam_decoder import SamDecoder
@@ -181,7 +182,7 @@ class OneShotSegmenter:
     ) -> Reference:
         """Add examples as further shots (few-shot); keeps at most ``max_shots`` per label,
         the newest, so the reference stays bounded."""
-        self._check_model(reference)
+        self.check_model(reference)
         for example in examples:
             features = self.features(example.image)
             for label, masks in example.masks.items():
@@ -190,10 +191,11 @@ class OneShotSegmenter:
                     continue
                 ref = reference.labels.setdefault(label, LabelReference(label=label))
                 ref.shots.append(self.make_shot(features, masks))
-                ref.shots = ref.shots[-max_shots:]
+                ref.cap_shots(max_shots)
         return reference
 
-    def _check_model(self, reference: Reference) -> None:
+    def check_model(self, reference: Reference) -> None:
+        """Raises ValueError when ``reference`` was built with other models than this one's."""
         if reference.model_id and reference.model_id != self.model_id:
             raise ValueError(
                 f"reference was built with other models ({reference.model_id}); "
@@ -205,7 +207,7 @@ class OneShotSegmenter:
         self, reference: Reference, image: np.ndarray, labels: Iterable[str] | None = None
     ) -> list[Instance]:
         """Instances of every reference label (or of ``labels``) found in ``image``."""
-        self._check_model(reference)
+        self.check_model(reference)
         target = self.features(image)
         wanted = list(labels) if labels is not None else list(reference.labels)
         instances: list[Instance] = []
@@ -213,7 +215,7 @@ class OneShotSegmenter:
             label_ref = reference.labels.get(label)
             if label_ref is None or not label_ref.shots:
                 continue
-            found = self._pipeline().segment_label(self, target, label_ref)
+            found = self.segment_label(target, label_ref)
             threshold = (
                 label_ref.score_threshold
                 if label_ref.score_threshold is not None
@@ -264,19 +266,14 @@ class OneShotSegmenter:
         mask = (logits[0, 0] > self.decoder.mask_threshold).cpu().numpy()
         return mask, float(out.iou_predictions[0, best].clamp(0, 1))
 
-    def _pipeline(self):
-        # Imported here: the pipelines import this module's types.
-        if self.config.mode == "persam":
-            from . import persam
-
-            return persam
-        from . import matcher
-
-        return matcher
+    def segment_label(self, target: ImageFeatures, label_ref: LabelReference) -> list[Instance]:
+        """Every instance the configured pipeline (:data:`~matcher_core.pipelines.PIPELINES`)
+        finds of one label on ``target``, in original pixels, before any score threshold."""
+        return pipeline_for(self.config.mode)(self, target, label_ref)
 
     def train_mask_weights(self, reference: Reference, examples: Iterable[Example]) -> dict:
         """PerSAM-F: learn each label's 3-way mask blend on ``examples``; returns a report per label."""
-        self._check_model(reference)
+        self.check_model(reference)
         per_label: dict[str, list[tuple[ImageFeatures, np.ndarray]]] = defaultdict(list)
         for example in examples:
             features = self.features(example.image)

@@ -24,6 +24,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flask import Flask, jsonify, request
+from werkzeug.serving import make_server
+
+from backend.leases import train_lock_name
+from backend.runtime import Runtime
+from backend.server import create_app
+from backend.store import LockLost, ProjectState, RedisStore, SQLiteStore, StoreError
+from backend.telemetry import Metrics
+from labelstudio.api import LabelStudioAPI, LabelStudioAPIError
+from matcher_core import Example
+from model import OneShotModel, model_version_of
 from server_helpers import (
     API_TOKEN,
     LABEL_CONFIG,
@@ -33,18 +43,6 @@ from server_helpers import (
     scene,
     square_mask,
 )
-from werkzeug.serving import make_server
-
-from backend.jobs import train_lock_name
-from backend.ls_api import LabelStudioAPI, LabelStudioAPIError
-from backend.metrics import Metrics
-from backend.runtime import Runtime
-from backend.server import create_app
-from backend.store import LockLost, ProjectState, RedisStore, SQLiteStore, StoreError
-from matcher_core import Example
-from model import OneShotModel, model_version_of
-
-pytest_plugins = ["server_fixtures"]
 
 PROJECT = 31
 FIRST_BOX = (15, 20, 40, 50)  # (y0, x0, y1, x1) of the first annotation's square
@@ -567,17 +565,19 @@ def test_two_backends_on_one_redis_train_one_at_a_time_and_serve_one_version(
 
     wanted = expected_version(segmenter, UPDATED_BOX)
     trainings: list[tuple[float, float]] = []
-    original_train = OneShotModel.train
+    from backend import training
 
-    def recorded_train(self, *args, **kwargs):
+    original_train = training.train  # what every background training runs
+
+    def recorded_train(*args, **kwargs):
         began = time.monotonic()
         time.sleep(0.2)  # widen the window in which an overlap would show
         try:
-            return original_train(self, *args, **kwargs)
+            return original_train(*args, **kwargs)
         finally:
             trainings.append((began, time.monotonic()))
 
-    monkeypatch.setattr(OneShotModel, "train", recorded_train)
+    monkeypatch.setattr(training, "train", recorded_train)
     backends = []
     for name in ("a", "b"):
         settings = make_settings(model_dir, tmp_path / name, JOBS="thread")

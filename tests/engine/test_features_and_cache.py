@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import disc_image
+from builders import disc_image
 from matcher_core import Example, Reference
 from matcher_core.cache import EmbeddingCache, image_key
 from matcher_core.features import patch_centres, pool_mask_to_grid

@@ -17,6 +17,11 @@ import pytest
 import requests
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
+from werkzeug.serving import make_server
+
+from backend.server import create_app
+from backend.store import WAITING_VERSION, RedisStore
+from matcher_core import Reference
 from server_helpers import (
     IMAGE_SIZE,
     LABEL_CONFIG,
@@ -27,13 +32,6 @@ from server_helpers import (
     scene,
     square_mask,
 )
-from werkzeug.serving import make_server
-
-from backend.server import create_app
-from backend.store import WAITING_VERSION, RedisStore
-from matcher_core import Reference
-
-pytest_plugins = ["server_fixtures"]
 
 PROJECT = 12
 

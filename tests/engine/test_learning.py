@@ -131,8 +131,8 @@ class WorldSegmenter(OneShotSegmenter):
 
 
 @pytest.fixture(scope="module")
-def tiny() -> OneShotSegmenter:
-    return OneShotSegmenter(tiny_config(model_dir="/tmp/learning-models"))
+def tiny(tiny_model_dir) -> OneShotSegmenter:
+    return OneShotSegmenter(tiny_config(model_dir=tiny_model_dir))
 
 
 def iou(first: np.ndarray, second: np.ndarray) -> float:

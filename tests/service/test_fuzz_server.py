@@ -17,6 +17,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
+
+from backend.jobs import ThreadJobs
+from backend.server import create_app, nesting_exceeds
+from backend.store import StateStore
 from server_helpers import (
     API_TOKEN,
     LABEL_CONFIG,
@@ -26,12 +30,6 @@ from server_helpers import (
     scene,
     square_mask,
 )
-
-from backend.jobs import ThreadJobs
-from backend.server import create_app, nesting_exceeds
-from backend.store import StateStore
-
-pytest_plugins = ["server_fixtures"]
 
 PROJECT = 12
 LS_URL = "<fake label studio>"

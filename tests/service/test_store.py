@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-from server_helpers import free_port
 
 from backend.store import (
     WAITING_VERSION,
@@ -19,8 +18,7 @@ from backend.store import (
     StateStore,
     StoreUnavailable,
 )
-
-pytest_plugins = ["server_fixtures"]
+from server_helpers import free_port
 
 
 @pytest.fixture(params=["sqlite", "redis"])

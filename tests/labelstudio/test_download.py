@@ -1,4 +1,4 @@
-"""Fetching task images (backend/fetch.py) against a local stand-in for Label Studio.
+"""Fetching task images (labelstudio/download.py, labelstudio/guard.py) against a local stand-in for Label Studio.
 
 The stand-in is a real HTTP server on 127.0.0.1 (a thread); it serves uploads with legacy-token
 or Bearer auth, the personal-token exchange, Label Studio's 400 on /storage-data/, a presign
@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend import fetch
-from backend.fetch import BlockedURLError, FetchError, fetch_image_bytes
+from labelstudio import auth, guard
+from labelstudio.download import BlockedURLError, FetchError, fetch_image_bytes
 
 LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"
 SIGNING_KEY = "test-signing-key-that-is-long-enough-for-hs256"
@@ -145,7 +145,7 @@ def servers():
 def label_studio(servers, monkeypatch, tmp_path):
     FakeLabelStudio.hits.clear()
     FakeLabelStudio.redirect_targets.clear()
-    monkeypatch.setattr(fetch, "_TOKEN_CACHE", {})
+    auth.forget_access_tokens()
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOCAL_FILES_DOCUMENT_ROOT"):
         monkeypatch.delenv(name, raising=False)
     return servers[0]
@@ -266,7 +266,7 @@ def test_presigned_signatures_stay_out_of_messages(label_studio, tmp_path):
     ],
 )
 def test_address_rules(host, port, address, allowed):
-    policy = fetch.HostPolicy.build("http://ls.internal:8080", ["minio.lan:9000", "*"])
+    policy = guard.HostPolicy.build("http://ls.internal:8080", ["minio.lan:9000", "*"])
     problem = policy.address_problem(host, port, ipaddress.ip_address(address))
     assert (problem is None) == allowed, problem
 
@@ -359,13 +359,24 @@ def document_root(tmp_path, monkeypatch):
     (outside / "secret.png").write_bytes(b"secret")
     (root / "images" / "escape.png").symlink_to(outside / "secret.png")
     (root / "images" / "inside-link.png").symlink_to(root / "images" / "cat.png")
-    monkeypatch.setenv("LOCAL_FILES_DOCUMENT_ROOT", str(root))
     return root
 
 
 def test_local_files_are_read_under_the_document_root(label_studio, tmp_path, document_root):
-    assert get("/data/local-files/?d=images/cat.png", label_studio, tmp_path) == IMAGE
-    assert get("/data/local-files/?d=images/inside-link.png", label_studio, tmp_path) == IMAGE
+    root = str(document_root)
+    assert (
+        get("/data/local-files/?d=images/cat.png", label_studio, tmp_path, local_files_root=root)
+        == IMAGE
+    )
+    assert (
+        get(
+            "/data/local-files/?d=images/inside-link.png",
+            label_studio,
+            tmp_path,
+            local_files_root=root,
+        )
+        == IMAGE
+    )
     assert FakeLabelStudio.hits == []  # read from disk, not downloaded
 
 
@@ -383,7 +394,12 @@ def test_local_files_cannot_escape_the_document_root(
 ):
     path = path or str(tmp_path / "outside" / "secret.png")
     with pytest.raises(error, match=message):
-        get(f"/data/local-files/?d={urllib.parse.quote(path)}", label_studio, tmp_path)
+        get(
+            f"/data/local-files/?d={urllib.parse.quote(path)}",
+            label_studio,
+            tmp_path,
+            local_files_root=str(document_root),
+        )
     assert FakeLabelStudio.hits == []  # refused outright, not retried through Label Studio
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import disc_image
+from builders import disc_image
 from matcher_core.__main__ import main
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "oneshot_seg_real"
@@ -131,9 +131,9 @@ def test_evaluate_on_a_tiny_real_subset_writes_json_and_html(tmp_path):
 
 
 def test_evaluate_reads_a_label_studio_export(tmp_path):
-    from backend.labelstudio import instances_to_results, label_config_xml, parse_label_config
+    from labelstudio import instances_to_results, label_config_xml, parse_label_config
+    from labelstudio.export import labelstudio_export_dataset
     from matcher_core import Instance
-    from matcher_core.datasets import labelstudio_export_dataset
 
     schema = parse_label_config(label_config_xml([("BrushLabels", "tag", ["disc"])]))
     tasks = []

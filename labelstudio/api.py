@@ -1,8 +1,6 @@
 """The few Label Studio API calls background jobs make: list annotated tasks, post predictions.
 
-Authentication follows Label Studio 1.23: a legacy token goes as ``Authorization: Token <key>``;
-a personal access token (a JWT refresh token) is exchanged at ``POST /api/token/refresh/`` for a
-short-lived access token sent as ``Bearer`` (the personal token itself gets 401).
+Authentication follows Label Studio 1.23 (see :mod:`.auth`, shared with the image download).
 
 Posting predictions survives an unreachable or overloaded Label Studio without duplicates, under
 any timing. :meth:`LabelStudioAPI.post_prediction` first lists the task's predictions
@@ -13,27 +11,24 @@ dropped, 500, 502, 504), Label Studio may still store it at any later moment, so
 is ever sent: the attempts left only list the task's predictions again (waiting in between),
 and if the prediction never shows up the call fails saying so. At most once, never twice: a
 prediction lost that way is computed again when Label Studio next asks ``/predict`` for the
-task. (Across job runs and processes, ``backend.prediction`` adds a claim in the state store.)
+task. (Across job runs and processes, the service adds a claim in the state store.)
 
 Error messages never contain the token (it only travels in the ``Authorization`` header).
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import random
-import threading
 import time
 
 import requests
 import urllib3
 
+from . import auth
+
 log = logging.getLogger(__name__)
 
-ACCESS_TOKEN_LIFETIME = 240.0
-"""Seconds an exchanged access token is reused (Label Studio issues them for 5 minutes)."""
 RETRY_STATUSES = frozenset({0, 408, 429, 500, 502, 503, 504})
 """Outcomes worth retrying: no answer (0), timeouts, rate limiting, server errors."""
 MAYBE_DONE_STATUSES = frozenset({500, 502, 504})
@@ -68,24 +63,6 @@ def _never_sent(error: requests.RequestException) -> bool:
     )
 
 
-def jwt_token_type(token: str) -> str | None:
-    """The ``token_type`` claim of a JWT (``refresh`` for Label Studio's personal access tokens,
-    ``access`` for exchanged ones); ``None`` when ``token`` is not a JWT (a legacy token)."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        padded = parts[1] + "=" * (-len(parts[1]) % 4)
-        claims = json.loads(base64.urlsafe_b64decode(padded))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return str(claims.get("token_type", "access")) if isinstance(claims, dict) else None
-
-
-_access_tokens: dict[tuple[str, str], tuple[str, float]] = {}
-_access_lock = threading.Lock()
-
-
 class LabelStudioAPI:
     """A client for one Label Studio instance (``hostname``) and one token."""
 
@@ -118,25 +95,14 @@ class LabelStudioAPI:
         self.session.trust_env = False  # no proxy or .netrc credentials from the environment
 
     def _authorization(self) -> str:
-        kind = jwt_token_type(self.token)
-        if kind is None:
-            return f"Token {self.token}"
-        if kind != "refresh":
-            return f"Bearer {self.token}"
-        key = (self.hostname, self.token)
-        with _access_lock:
-            cached = _access_tokens.get(key)
-            if cached and cached[1] > time.monotonic():
-                return f"Bearer {cached[0]}"
-        answer = self._send(
-            "POST", "/api/token/refresh/", json={"refresh": self.token}, authorize=False
-        )
-        access = answer.get("access") if isinstance(answer, dict) else None
-        if not access:
-            raise LabelStudioAPIError("token refresh answered without an access token")
-        with _access_lock:
-            _access_tokens[key] = (access, time.monotonic() + ACCESS_TOKEN_LIFETIME)
-        return f"Bearer {access}"
+        def refresh(url: str, body: dict) -> str:
+            answer = self._send("POST", auth.REFRESH_PATH, json=body, authorize=False)
+            access = answer.get("access") if isinstance(answer, dict) else None
+            if not access or not isinstance(access, str):
+                raise LabelStudioAPIError("token refresh answered without an access token")
+            return access
+
+        return auth.authorization(auth.access_token(self.hostname, self.token, refresh))
 
     def _send(self, method: str, path: str, authorize: bool = True, **kwargs):
         url = self.hostname + path

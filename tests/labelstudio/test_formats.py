@@ -1,4 +1,4 @@
-"""Label Studio JSON <-> engine conversion (backend/labelstudio.py), as a specification."""
+"""Label Studio JSON <-> engine conversion (the ``labelstudio`` package), as a specification."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from label_studio_sdk.converter.brush import mask2rle
 
-from backend.labelstudio import (
+from labelstudio import (
     AnnotationError,
     ConfigError,
     TaskDataError,

@@ -31,8 +31,8 @@ STAGES = {"matching", "prompts", "decoding", "scoring"}
 
 
 @pytest.fixture(scope="module")
-def segmenter() -> OneShotSegmenter:
-    return OneShotSegmenter(tiny_config(model_dir="/tmp/matcher-models"))
+def segmenter(tiny_model_dir) -> OneShotSegmenter:
+    return OneShotSegmenter(tiny_config(model_dir=tiny_model_dir))
 
 
 @pytest.fixture

@@ -1,22 +1,22 @@
-"""Fixtures of the backend tests (a pytest plugin: ``pytest_plugins = ["server_fixtures"]``):
-a fake Label Studio, a real redis-server, and runtimes on one shared tiny random engine."""
+"""Fixtures of the service tests: a fake Label Studio, a real redis-server, and runtimes on one
+shared tiny random engine (built from ``Settings`` as the service builds it, under the session's
+``tiny_model_dir``)."""
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 from flask import Flask, jsonify, request
-from server_helpers import API_TOKEN, FakeLabelStudio, RedisServer, free_port, make_settings
 from werkzeug.serving import make_server
 
-from backend.metrics import Metrics
 from backend.runtime import Runtime, set_runtime
 from backend.settings import Settings
 from backend.store import SQLiteStore
+from backend.telemetry import Metrics
+from server_helpers import API_TOKEN, FakeLabelStudio, RedisServer, free_port, make_settings
 
 # ---------------------------------------------------------------------------------------------
 # A fake Label Studio (files, export, predictions), served on 127.0.0.1
@@ -93,11 +93,9 @@ def fake_ls():
 
 
 @pytest.fixture(scope="session")
-def model_dir() -> Path:
-    """Tiny random checkpoints, created once per test session."""
-    directory = Path(tempfile.mkdtemp(prefix="oneshot-server-models-"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+def model_dir(tiny_model_dir) -> Path:
+    """Tiny random checkpoints (the root conftest's folder, under pytest's temporary folder)."""
+    return Path(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")

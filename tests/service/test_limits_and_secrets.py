@@ -9,6 +9,13 @@ import json
 import logging
 
 import pytest
+
+from backend.jobs import ThreadJobs
+from backend.server import create_app
+from backend.settings import Settings
+from backend.store import RedisStore, SQLiteStore, StateTooLarge
+from matcher_core import Reference
+from model import OneShotModel
 from server_helpers import (
     LABEL_CONFIG,
     annotation_event,
@@ -17,15 +24,6 @@ from server_helpers import (
     scene,
     square_mask,
 )
-
-from backend.jobs import ThreadJobs
-from backend.server import create_app
-from backend.settings import Settings
-from backend.store import RedisStore, SQLiteStore, StateTooLarge
-from matcher_core import Reference
-from model import OneShotModel
-
-pytest_plugins = ["server_fixtures"]
 
 PROJECT = 41
 
