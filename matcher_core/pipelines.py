@@ -14,15 +14,19 @@ from typing import Protocol
 from . import matcher, persam
 from .config import SegmenterConfig
 from .features import ImageFeatures
+from .proposals import PromptableSegmenter
 from .reference import Instance, LabelReference
-from .sam_decoder import SamDecoder
 
 
 class PipelineContext(Protocol):
-    """What a pipeline may use (:class:`~matcher_core.segmenter.OneShotSegmenter` is one)."""
+    """What a pipeline may use (:class:`~matcher_core.segmenter.OneShotSegmenter` is one).
+
+    PerSAM needs SAM's own decoder (:class:`~matcher_core.sam_decoder.SamDecoder`, for its hooks);
+    Matcher any :class:`~matcher_core.proposals.PromptableSegmenter` (``bench/oracle.py`` plugs in
+    a ground-truth oracle)."""
 
     config: SegmenterConfig
-    decoder: SamDecoder
+    decoder: PromptableSegmenter
 
     def timed(self, stage: str) -> AbstractContextManager[None]:
         """Accumulate the wall time of ``stage`` (read by ``bench/``)."""
