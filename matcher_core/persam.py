@@ -224,7 +224,10 @@ def first_pass_prompt_image(
         pixels.append(divmod(int(full.argmin()), width))
         labels.append(0)
         current = torch.where(free, full, full.min())
-        standardised = (current - current.mean()) / torch.std(current)
+        spread = torch.std(current) if current.numel() > 1 else torch.zeros(())
+        # A constant prior (a 1-pixel image, say) has no spread: a uniform attention bias, where
+        # the released code would divide by zero.
+        standardised = (current - current.mean()) / spread if spread > 0 else current * 0
         grid = F.interpolate(standardised[None, None], decoder.embedding_size, mode="bilinear")
         attn_sim = torch.sigmoid(grid[0, 0])
     xy = np.array([[col, row] for row, col in pixels], np.float32)
