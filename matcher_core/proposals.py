@@ -212,20 +212,28 @@ def dense_proposals(
     IoU is above ``dense_min_predicted_iou`` and the stability at least ``dense_min_stability``."""
     height, width = original_size
     grid = build_point_grid(config.dense_grid) * np.array([width, height], dtype=np.float64)
-    batch = PromptBatch(
-        points=grid.astype(np.float32)[:, None],
-        labels=np.full((len(grid), 1), POSITIVE_LABEL, dtype=np.int64),
-        boxes=None,
-        kinds=["dense"] * len(grid),
-        centres=grid.astype(np.float32),
-    )
-    proposals = decode_prompt_sets(decoder, embedding, batch, original_size, "single", crop)
-    return filter_proposals(
-        proposals,
-        decoder.mask_threshold,
-        config.dense_min_predicted_iou,
-        config.dense_min_stability,
-    )
+    kept = []
+    # Filtered chunk by chunk, as SAM's mask generator does: 4096 masks of 256 x 256 would hold
+    # 1 GiB at once.
+    for start in range(0, len(grid), DECODER_CHUNK):
+        points = grid[start : start + DECODER_CHUNK].astype(np.float32)
+        batch = PromptBatch(
+            points=points[:, None],
+            labels=np.full((len(points), 1), POSITIVE_LABEL, dtype=np.int64),
+            boxes=None,
+            kinds=["dense"] * len(points),
+            centres=points,
+        )
+        proposals = decode_prompt_sets(decoder, embedding, batch, original_size, "single", crop)
+        kept.append(
+            filter_proposals(
+                proposals,
+                decoder.mask_threshold,
+                config.dense_min_predicted_iou,
+                config.dense_min_stability,
+            )
+        )
+    return Proposals.concat(kept)
 
 
 def filter_proposals(
