@@ -48,6 +48,11 @@ class SegmenterConfig:
     """Seed of every random choice (prompt subsets, k-means initialisation)."""
 
     # --- matcher: correspondence -----------------------------------------------------------
+    object_cell_coverage: float = 0.5
+    """A reference patch cell is *object* when its mask covers at least this fraction of it; 0:
+    when the mask touches it at all (Matcher's rule). Measured with real features (BENCHMARKS.md):
+    half coverage puts 0.89 of the matched points inside the object, any coverage 0.66 (the
+    border cells, mostly background, find background matches that pass the reverse check)."""
     prune_matches_above: int = 40
     """Above this many bidirectional matches only the better half (by forward cosine) is kept
     (Matcher's rule); 0 keeps all."""
@@ -228,6 +233,7 @@ class SegmenterConfig:
 
 
 MATCHER_FSS = dict(
+    object_cell_coverage=0.0,
     prompt_sampler="subsets",
     subset_points="centres",
     num_clusters=8,

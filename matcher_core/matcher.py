@@ -55,9 +55,9 @@ SUPPRESSED_LOGIT = -20.0
 """Logit given to the pixels of a SAM mask that belong to another of its connected pieces."""
 
 
-def _reference_features(label_ref: LabelReference) -> np.ndarray:
+def _reference_features(label_ref: LabelReference, object_coverage: float) -> np.ndarray:
     """``(N, D)`` features of the reference object over all shots."""
-    return np.concatenate([shot.masked_features() for shot in label_ref.shots])
+    return np.concatenate([shot.masked_features(object_coverage) for shot in label_ref.shots])
 
 
 def _looks_present(match: MatchResult, baseline: float, margin: float) -> bool:
@@ -77,18 +77,26 @@ def find_matches(
         target.patch_features,
         config.shot_pooling,
         config.keep_forward_if_none_survive,
+        config.object_cell_coverage,
     )
     # Matched points that resemble what annotators deleted more than the reference are no
     # prompts; when most are such points, the target shows the deleted kind, not the object.
     check = filter_negative_matches(
-        match, target.patch_features, _reference_features(label_ref), label_ref.negatives
+        match,
+        target.patch_features,
+        _reference_features(label_ref, config.object_cell_coverage),
+        label_ref.negatives,
     )
     match = check.kept
     if len(match) == 0:
         return None
     if config.absence_test and (
         len(match) < max(1, config.min_matched_points)
-        or not _looks_present(match, absence_baseline(label_ref.shots), config.absence_margin)
+        or not _looks_present(
+            match,
+            absence_baseline(label_ref.shots, config.object_cell_coverage),
+            config.absence_margin,
+        )
         or check.looks_deleted(config.negative_rejection_fraction, config.negative_rejection_margin)
     ):
         return None
@@ -150,7 +158,7 @@ def segment_label(
         )
     if len(proposals) == 0:
         return []
-    reference_features = _reference_features(label_ref)
+    reference_features = _reference_features(label_ref, config.object_cell_coverage)
     if config.output == "union":
         return union_output(
             segmenter, target, label_ref.label, proposals, match, reference_features

@@ -21,7 +21,7 @@ import torch
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from .reference import Shot
+from .reference import OBJECT_CELL_COVERAGE, Shot
 
 BACKGROUND_RING = 2
 """Cells this many 4-connected steps from the reference object or closer are not its background in :func:`absence_baseline`:
@@ -176,6 +176,7 @@ def match_shots(
     target_features: np.ndarray | torch.Tensor,
     pooling: Pooling = "union",
     keep_forward_if_none_survive: bool = False,
+    object_coverage: float = OBJECT_CELL_COVERAGE,
 ) -> MatchResult:
     """Bidirectional matches of every shot against one target, pooled (:func:`pool_matches`).
 
@@ -186,13 +187,14 @@ def match_shots(
         target_features: ``(gh, gw, D)`` or ``(gh * gw, D)`` target patch features.
         pooling: ``union`` or ``consensus`` (see :func:`pool_matches`).
         keep_forward_if_none_survive: see :func:`bidirectional_match`.
+        object_coverage: which reference cells are object (:meth:`Shot.object_cells`).
     """
     target = _flat_features(target_features)
     return pool_matches(
         [
             bidirectional_match(
                 _flat_features(shot.patch_features),
-                shot.object_cells(),
+                shot.object_cells(object_coverage),
                 target,
                 i,
                 keep_forward_if_none_survive,
@@ -251,7 +253,7 @@ def pool_matches(results: Sequence[MatchResult], pooling: Pooling = "union") -> 
     )
 
 
-def absence_baseline(shots: Sequence[Shot]) -> float:
+def absence_baseline(shots: Sequence[Shot], object_coverage: float = OBJECT_CELL_COVERAGE) -> float:
     """How well the reference object matches what is *not* it: the mean cosine of a forward
     Hungarian matching of each shot's object cells to that shot's own background cells (those
     more than :data:`BACKGROUND_RING` cells away from the object), averaged over shots (-1 when no
@@ -265,7 +267,7 @@ def absence_baseline(shots: Sequence[Shot]) -> float:
     values = []
     for shot in shots:
         features = _flat_features(shot.patch_features)
-        inside = shot.object_cells()
+        inside = shot.object_cells(object_coverage)
         near = ndimage.binary_dilation(
             inside.reshape(np.shape(shot.patch_mask)), iterations=BACKGROUND_RING
         )

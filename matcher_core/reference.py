@@ -16,6 +16,9 @@ from typing import Literal
 import numpy as np
 
 FORMAT_VERSION = 1
+OBJECT_CELL_COVERAGE = 0.5
+"""The product's rule for a reference cell to be *object*: its mask covers at least half of it
+(``SegmenterConfig.object_cell_coverage``; Matcher's rule, any coverage, is 0)."""
 
 PriorKind = Literal["mean", "mean_max"]
 """PerSAM's location-prior embedding: the mean of the reference features (``persam.py``) or
@@ -76,14 +79,21 @@ class Shot:
     (0) the mean embedding, (1) the ``(mean + max) / 2`` embedding: how alike the reference's own
     non-object cells look (PerSAM's per-reference baseline, :mod:`matcher_core.persam`)."""
 
-    def object_cells(self) -> np.ndarray:
-        """``(gh * gw,)`` bool: the cells the mask touches at all (Matcher's rule, ``avg_pool > 0``:
-        a thin object keeps every cell it crosses instead of collapsing to the few it half fills)."""
-        return np.asarray(self.patch_mask, dtype=np.float32).reshape(-1) > 0
+    def object_cells(self, min_coverage: float = OBJECT_CELL_COVERAGE) -> np.ndarray:
+        """``(gh * gw,)`` bool: the cells the mask covers at least ``min_coverage`` of (the most
+        covered cells when none does); ``min_coverage <= 0``: every cell the mask touches at all
+        (Matcher's rule, ``avg_pool > 0``)."""
+        coverage = np.asarray(self.patch_mask, dtype=np.float32).reshape(-1)
+        if min_coverage <= 0:
+            return coverage > 0
+        inside = coverage >= min_coverage
+        if not inside.any() and coverage.max() > 0:
+            inside = coverage >= coverage.max()
+        return inside
 
-    def masked_features(self) -> np.ndarray:
+    def masked_features(self, min_coverage: float = OBJECT_CELL_COVERAGE) -> np.ndarray:
         """``(N, D)`` float32 features of the :meth:`object_cells`."""
-        flat_mask = self.object_cells()
+        flat_mask = self.object_cells(min_coverage)
         return self.patch_features.reshape(len(flat_mask), -1).astype(np.float32)[flat_mask]
 
 

@@ -92,12 +92,15 @@ def test_empty_mask_or_nothing_kept_gives_quality_zero():
     assert MatchResult.empty().kept_fraction == 0.0
 
 
-def test_a_reference_cell_is_object_when_the_mask_touches_it_at_all():
-    # Matcher: avg_pool(mask) > 0, so a thin object keeps every cell it crosses.
+def test_a_reference_cell_is_object_when_half_covered_or_with_matchers_rule_touched_at_all():
     features = np.ones((2, 2, 3), np.float32)
     shot = shot_from(features, np.array([[0.5, 0.01], [0.0, 1.0]]))
-    assert shot.object_cells().tolist() == [True, True, False, True]
-    assert len(shot.masked_features()) == 3
+    assert shot.object_cells().tolist() == [True, False, False, True]  # the product: >= half
+    # Matcher: avg_pool(mask) > 0, so a thin object keeps every cell it crosses.
+    assert shot.object_cells(0.0).tolist() == [True, True, False, True]
+    assert len(shot.masked_features(0.0)) == 3
+    thin = shot_from(features, np.array([[0.1, 0.3], [0.0, 0.3]]))
+    assert thin.object_cells().tolist() == [False, True, False, True]  # the most covered cells
 
 
 def test_above_forty_matches_the_better_half_by_forward_cosine_is_kept():
