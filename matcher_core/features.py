@@ -146,13 +146,16 @@ class PatchEncoder:
             antialias=True,
         )
         x = (x - self.mean.to(device)) / self.std.to(device)
+        return F.normalize(self.grid(x)[0].float(), dim=-1)
+
+    def grid(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, gh, gw, D)`` features of normalised ``(B, 3, S, S)`` inputs (the network part;
+        :mod:`matcher_core.runtime` may replace it by an ONNX Runtime session)."""
         if self.is_vit:
             tokens = self._vit_prenorm_tokens(x)[:, self.model.num_prefix_tokens :]
             gh, gw = self.model.patch_embed.grid_size
-            grid = tokens.reshape(1, gh, gw, -1)
-        else:
-            grid = self._cnn_features(x)
-        return F.normalize(grid[0].float(), dim=-1)
+            return tokens.reshape(x.shape[0], gh, gw, -1)
+        return self._cnn_features(x)
 
     def _vit_prenorm_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """timm's ``VisionTransformer.forward_features`` without its final ``norm``."""

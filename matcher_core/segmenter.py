@@ -60,6 +60,8 @@ class OneShotSegmenter:
             if config.mode == "persam"
             else PatchEncoder(load_encoder(config, self.device), config.encoder_input_size)
         )
+        if config.encoder_runtime != "torch" and self.device.type == "cpu":
+            self._accelerate_encoders()
         self.decoder = SamDecoder(self.sam)
         self.cache = EmbeddingCache(config.cache_bytes)
         encoder_id = (
@@ -74,6 +76,29 @@ class OneShotSegmenter:
         )
         self.encoder_calls = 0
         self.timings: dict[str, float] = defaultdict(float)
+
+    def _accelerate_encoders(self) -> None:
+        """Run both image encoders through ``config.encoder_runtime`` (ONNX Runtime)."""
+        from . import runtime
+        from .models import model_dir, resolve_sam_checkpoint
+
+        config, directory = self.config, model_dir(self.config)
+        sam_id = runtime.checkpoint_identity(resolve_sam_checkpoint(config), config.sam_type)
+        runtime.accelerate_sam(
+            self.sam, directory, f"{config.sam_type}:{sam_id}", config.encoder_runtime
+        )
+        if self.patch_encoder is not None:
+            checkpoint = config.encoder_checkpoint
+            if checkpoint is None and config.random_weights:
+                name = f"random-encoder-{config.encoder}-{config.encoder_input_size}"
+                checkpoint = directory / f"{name}-seed{config.seed}.pth"
+            encoder_id = runtime.checkpoint_identity(checkpoint, f"timm:{config.encoder}")
+            runtime.accelerate_patch_encoder(
+                self.patch_encoder,
+                directory,
+                f"{config.encoder}:{encoder_id}",
+                config.encoder_runtime,
+            )
 
     # ---------------------------------------------------------------------------------------
     @contextmanager
