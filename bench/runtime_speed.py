@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -89,7 +88,7 @@ def main() -> None:
         size = checkpoint.stat().st_size / 2**20
         encoder = SamImageEncoder(sam)
         encoder(image)  # warm-up
-        eager = best_of(lambda: encoder(image), args.repeats)
+        eager = best_of(lambda encoder=encoder: encoder(image), args.repeats)
         reference, _ = encoder(image)
         decoder = SamDecoder(sam)
         row = {"model": f"SAM {sam_type}", "params": params, "size": size, "torch": eager}
@@ -107,7 +106,6 @@ def main() -> None:
             iou, iou_min = mask_agreement(decoder, reference, embedding)
             accuracy.append((sam_type, runtime, rel, worst, iou, iou_min))
         rows.append(row)
-        del sam, encoder, decoder, torch_encoder
 
     config = SegmenterConfig(
         encoder=args.encoder,

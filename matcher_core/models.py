@@ -26,7 +26,7 @@ from .light_sam import MOBILE_SAM_URL, build_mobile_sam, build_mobile_sam_tiny
 log = logging.getLogger(__name__)
 
 # Official SAM checkpoints and their MD5 sums (the 6 characters in each file name are its prefix).
-SAM_CHECKPOINTS: dict[str, tuple[str, str | None]] = {
+SAM_CHECKPOINTS: dict[str, tuple[str, str]] = {
     "vit_h": (
         "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
         "4b8939a88964f0f4ff5f5b2642c598a6",
@@ -41,7 +41,7 @@ SAM_CHECKPOINTS: dict[str, tuple[str, str | None]] = {
     ),
 }
 # Light SAM-compatible models (matcher_core/light_sam.py); MobileSAM publishes no checksum.
-SAM_CHECKPOINTS["mobile_sam"] = (MOBILE_SAM_URL, None)
+LIGHT_SAM_CHECKPOINTS: dict[str, tuple[str, str | None]] = {"mobile_sam": (MOBILE_SAM_URL, None)}
 SAM_TYPES = ("vit_h", "vit_l", "vit_b", "mobile_sam", "tiny", "mobile_sam_tiny")
 RANDOM_ONLY_SAM_TYPES = ("tiny", "mobile_sam_tiny")
 """Test configurations: they exist only with random weights."""
@@ -199,7 +199,7 @@ def resolve_sam_checkpoint(config: SegmenterConfig) -> Path:
         raise ValueError(
             f"SAM {config.sam_type!r} exists only with random weights (random_weights=True)"
         )
-    url, md5 = SAM_CHECKPOINTS[config.sam_type]
+    url, md5 = {**SAM_CHECKPOINTS, **LIGHT_SAM_CHECKPOINTS}[config.sam_type]
     return download_checkpoint(url, directory / url.rsplit("/", 1)[1], md5)
 
 

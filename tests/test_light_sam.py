@@ -66,7 +66,7 @@ def test_mobile_sam_real_size_loads_from_a_saved_checkpoint_with_mobile_sams_nam
     assert 5.5e6 < encoder_params < 6.2e6  # TinyViT-5M + neck (+ unused 1000-class head)
     assert sam.image_encoder.img_size == 1024 and sam.image_encoder.grid == 64
     assert tuple(sam.prompt_encoder.image_embedding_size) == (64, 64)
-    assert models.SAM_CHECKPOINTS["mobile_sam"][0].endswith("/weights/mobile_sam.pt")
+    assert models.LIGHT_SAM_CHECKPOINTS["mobile_sam"][0].endswith("/weights/mobile_sam.pt")
 
 
 def test_mobile_sam_never_falls_back_to_random_weights(tmp_path):
