@@ -137,6 +137,46 @@ class OneShotSegmenter:
         self.cache.put(key, features)
         return features
 
+    def features_many(self, images: list[np.ndarray], batch_size: int = 4) -> list[ImageFeatures]:
+        """:meth:`features` of several images, the uncached ones through each encoder in
+        batches of ``batch_size`` (pays on a GPU; on a CPU it saves little). Duplicates (same
+        content) are encoded once."""
+        for image in images:
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(
+                    f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}"
+                )
+        keys = [image_key(image, self.model_id) for image in images]
+        todo: dict[str, np.ndarray] = {}
+        for key, image in zip(keys, images, strict=True):
+            if key not in todo and self.cache.get(key) is None:
+                todo[key] = image
+        pending = list(todo.items())
+        done: dict[str, ImageFeatures] = {}
+        for start in range(0, len(pending), max(1, batch_size)):
+            chunk = pending[start : start + max(1, batch_size)]
+            chunk_images = [image for _, image in chunk]
+            self.encoder_calls += len(chunk)
+            with self.timed("encoder_sam"):
+                sam_out = self.sam_encoder.many(chunk_images)
+            if self.patch_encoder is None:
+                grids = [sam_patch_grid(e, size, self.decoder.img_size) for e, size in sam_out]
+            else:
+                with self.timed("encoder_patch"):
+                    grids = self.patch_encoder.many(chunk_images)
+            for (key, image), (embedding, size), grid in zip(chunk, sam_out, grids, strict=True):
+                features = ImageFeatures(
+                    original_size=image.shape[:2],
+                    input_size=size,
+                    sam_embedding=embedding.clone(),
+                    patch_features=grid.clone(),
+                )
+                self.cache.put(key, features)
+                done[key] = features
+        return [
+            done.get(key) or self.features(image) for key, image in zip(keys, images, strict=True)
+        ]
+
     # ---------------------------------------------------------------------------------------
     def make_shot(self, features: ImageFeatures, masks: list[np.ndarray]) -> Shot:
         """Reduce one labelled image to a :class:`Shot` (masks are ``(H, W)`` bool, same size)."""
