@@ -326,7 +326,8 @@ def train_mask_weights(
         return loss, gradient[1:] - gradient[0]
 
     iterations = segmenter.config.persam_f_iterations if iterations is None else iterations
-    with _one_intra_op_thread():
+    # The loop runs on host tensors in float32 whatever autocast the caller runs under.
+    with _one_intra_op_thread(), torch.autocast("cpu", enabled=False):
         report = _optimise(segmenter, loss_and_gradient, iterations, len(pairs))
     report.seconds = time.perf_counter() - start
     return report
