@@ -212,6 +212,9 @@ class SegmenterConfig:
     # --- caching and limits ---------------------------------------------------------------
     cache_bytes: int = 512 * 1024 * 1024
     """Memory bound of the embedding cache (SAM embeddings + encoder features)."""
+    decoder_memo_bytes: int = 256 * 1024 * 1024
+    """Memory bound of the memo of SAM decoder outputs (``decode_memo.py``): an image predicted
+    again with the same prompts runs no decoder; 0 disables it."""
     max_image_pixels: int = 64_000_000
     """Images with more pixels are refused (decompression bombs)."""
 

@@ -35,6 +35,7 @@ meaning) instead of growing with their number.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -361,4 +362,6 @@ def train_mask_weights_reference(
         return float(loss.detach()), free.grad
 
     iterations = segmenter.config.persam_f_iterations if iterations is None else iterations
-    return _optimise(segmenter, loss_and_gradient, iterations, len(pairs))
+    bypass = getattr(segmenter.decoder, "bypass", contextlib.nullcontext)  # no decoder memo
+    with bypass():
+        return _optimise(segmenter, loss_and_gradient, iterations, len(pairs))

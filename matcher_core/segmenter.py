@@ -18,6 +18,7 @@ import torch
 
 from .cache import EmbeddingCache, image_key
 from .config import SegmenterConfig
+from .decode_memo import MemoSamDecoder
 from .features import (
     ImageFeatures,
     PatchEncoder,
@@ -29,7 +30,6 @@ from .models import load_encoder, load_sam, select_device
 from .persam import valid_cells
 from .prior import reference_statistics
 from .reference import Example, Instance, LabelReference, Reference, Shot
-from .sam_decoder import SamDecoder
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class OneShotSegmenter:
         )
         if config.encoder_runtime != "torch" and self.device.type == "cpu":
             self._accelerate_encoders()
-        self.decoder = SamDecoder(self.sam)
+        self.decoder = MemoSamDecoder(self.sam, config.decoder_memo_bytes)
         self.cache = EmbeddingCache(config.cache_bytes)
         encoder_id = (
             "sam"
