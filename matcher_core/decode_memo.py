@@ -34,7 +34,12 @@ def _digest(*parts) -> str:
         if part is None:
             h.update(b"\x00none")
         elif isinstance(part, torch.Tensor | np.ndarray):
-            array = part.detach().cpu().numpy() if isinstance(part, torch.Tensor) else part
+            if isinstance(part, torch.Tensor):
+                tensor = part.detach().cpu()
+                # numpy has no bfloat16; float32 holds every bfloat16 value exactly
+                array = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+            else:
+                array = part
             array = np.ascontiguousarray(array)
             h.update(f"{array.dtype}{array.shape}".encode())
             h.update(array.tobytes())
