@@ -13,6 +13,7 @@ set -u
 OUT=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(pwd)
 export MODEL_DIR=${MODEL_DIR:-/tmp/gpu-check-models}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
@@ -30,8 +31,8 @@ run() {  # name, then latency.py arguments
 }
 for cast in none bf16 fp16; do
   extra=(); [ "$cast" != none ] && extra=(--autocast "$cast")
-  run "vit_h-dinov2L-$cast" --sam-type vit_h --encoder vit_large_patch14_dinov2.lvd142m "${extra[@]}"
-  run "mobile_sam-dinov2S-$cast" --sam-type mobile_sam "${extra[@]}"
+  run "vit_h-dinov2L-$cast" --sam-type vit_h --encoder vit_large_patch14_dinov2.lvd142m ${extra[@]+"${extra[@]}"}
+  run "mobile_sam-dinov2S-$cast" --sam-type mobile_sam ${extra[@]+"${extra[@]}"}
 done
 
 echo "== 3. encoder batching (features_many)" | tee -a "$OUT/summary.txt"
