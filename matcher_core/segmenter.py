@@ -34,6 +34,12 @@ from .reference import Example, Instance, LabelReference, Reference, Shot
 log = logging.getLogger(__name__)
 
 
+def _timm_version() -> str:
+    import timm
+
+    return timm.__version__
+
+
 class OneShotSegmenter:
     """Segments, in target images, the objects shown by a reference (Matcher or PerSAM mode).
 
@@ -92,7 +98,9 @@ class OneShotSegmenter:
             if checkpoint is None and config.random_weights:
                 name = f"random-encoder-{config.encoder}-{config.encoder_input_size}"
                 checkpoint = directory / f"{name}-seed{config.seed}.pth"
-            encoder_id = runtime.checkpoint_identity(checkpoint, f"timm:{config.encoder}")
+            encoder_id = runtime.checkpoint_identity(
+                checkpoint, f"timm{_timm_version()}:{config.encoder}"
+            )
             runtime.accelerate_patch_encoder(
                 self.patch_encoder,
                 directory,
