@@ -7,6 +7,7 @@ many instances PerSAM looks for, how many proposals survive filtering) - those c
     python bench/latency.py                      # SAM vit_b + DINOv2-S (CPU defaults)
     python bench/latency.py --encoder vit_large_patch14_dinov2.lvd142m
     python bench/latency.py --sam-type tiny --encoder tiny --encoder-input-size 112   # smoke
+    python bench/latency.py --sam-type mobile_sam --runtime onnx   # the light CPU choice
 
 Every ratio printed is measured within this one run.
 """
@@ -14,6 +15,7 @@ Every ratio printed is measured within this one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import resource
@@ -46,13 +48,20 @@ def brush_results(instances, size) -> None:
         mask2rle(instance.mask.astype(np.uint8) * 255)
 
 
+def synchronize(segmenter: OneShotSegmenter) -> None:
+    if segmenter.device.type == "cuda":
+        torch.cuda.synchronize(segmenter.device)
+
+
 def run_once(segmenter: OneShotSegmenter, reference, image: np.ndarray) -> tuple[dict, int]:
+    synchronize(segmenter)
     segmenter.timings.clear()
     decoded_before = segmenter.decoder.prompt_sets_decoded
     start = time.perf_counter()
     instances = segmenter.segment(reference, image)
     with segmenter.timed("rle"):
         brush_results(instances, image.shape[:2])
+    synchronize(segmenter)
     timings = dict(segmenter.timings)
     timings["total"] = time.perf_counter() - start
     timings["prompt_sets"] = segmenter.decoder.prompt_sets_decoded - decoded_before
@@ -69,6 +78,12 @@ def main() -> None:
     parser.add_argument("--model-dir", default="/tmp/bench-models")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--runtime", default="torch", help="encoder runtime: torch | onnx | onnx_int8 (CPU)"
+    )
+    parser.add_argument(
+        "--autocast", default=None, help="CUDA autocast dtype for the whole call: bf16 | fp16"
+    )
+    parser.add_argument(
         "--configs",
         nargs="+",
         default=["fast", "fast-persam"],
@@ -84,6 +99,7 @@ def main() -> None:
         random_weights=True,
         model_dir=args.model_dir,
         device=args.device,
+        encoder_runtime=args.runtime,
     )
     folder = Path(args.folder)
     ref_image, ref_mask = load_pair(folder, 0)
@@ -91,10 +107,34 @@ def main() -> None:
 
     print(
         f"# latency: SAM {args.sam_type}, encoder {args.encoder}@{args.encoder_input_size}, "
+        f"runtime {args.runtime}, autocast {args.autocast}, "
         f"random weights, device {args.device}, torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.2f} at start, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
         f"image {targets[0].shape[1]}x{targets[0].shape[0]}\n"
     )
+    rows = []
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    autocast = (
+        torch.autocast(torch.device(args.device).type, dtype=dtypes[args.autocast])
+        if args.autocast
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        rows = measure(args, base, ref_image, ref_mask, targets)
+    print_table(rows)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu = ""
+    if torch.cuda.is_available() and torch.device(args.device).type == "cuda":
+        gpu = f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+    print(
+        f"\nraw SAM encoder forward: {rows[0][4]:.2f} s; peak RSS {peak:.0f} MiB{gpu}; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+        f"load average {os.getloadavg()[0]:.2f} at end"
+    )
+
+
+def measure(args, base, ref_image, ref_mask, targets) -> list:
     rows = []
     for mode in args.configs:
         config = base.replace(mode="persam") if mode == "fast-persam" else base.with_preset(mode)
@@ -106,6 +146,7 @@ def main() -> None:
         # Raw SAM encoder forward on the same image, measured here, as the yardstick.
         start = time.perf_counter()
         segmenter.sam_encoder(targets[0])
+        synchronize(segmenter)
         raw_sam = time.perf_counter() - start
         for k, image in enumerate(targets):
             segmenter.cache.clear()
@@ -114,7 +155,10 @@ def main() -> None:
             encoders = cold.get("encoder_sam", 0) + cold.get("encoder_patch", 0)
             rows.append((mode, k, cold, warm, raw_sam, encoders, count))
         del segmenter
+    return rows
 
+
+def print_table(rows) -> None:
     header = (
         "| mode | target | cache | "
         + " | ".join(STAGES)
@@ -130,11 +174,6 @@ def main() -> None:
                 f"{t['total'] / raw_sam:.3f} | {t['total'] / encoders:.3f} | "
                 f"{t['prompt_sets']} | {count} |"
             )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(
-        f"\nraw SAM encoder forward: {rows[0][4]:.2f} s; peak RSS {peak:.0f} MiB; "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
-    )
 
 
 if __name__ == "__main__":

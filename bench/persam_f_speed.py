@@ -48,6 +48,7 @@ def main() -> None:
         encoder_input_size=112,
         model_dir=args.model_dir,
         device="cpu",
+        decoder_memo_bytes=0,  # both loops decode as they would the first time
     )
     image = load_image(args.image)
     mask = load_label_mask(args.mask or str(Path(args.image).with_suffix(".png"))) > 0

@@ -25,7 +25,17 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(PRESETS),
         help="fast (default) or a published configuration: fss, coco, lvis, part, persam, persam_f",
     )
-    group.add_argument("--sam-type", default=defaults.sam_type, help="vit_h | vit_l | vit_b | tiny")
+    group.add_argument(
+        "--sam-type",
+        default=defaults.sam_type,
+        help="vit_h | vit_l | vit_b | mobile_sam | tiny | mobile_sam_tiny",
+    )
+    group.add_argument(
+        "--encoder-runtime",
+        choices=["torch", "onnx", "onnx_int8"],
+        default=defaults.encoder_runtime,
+        help="CPU runtime of the image encoders (onnx: ONNX Runtime, exported once)",
+    )
     group.add_argument("--sam-checkpoint", help="SAM checkpoint file (default: official download)")
     group.add_argument(
         "--encoder", default=defaults.encoder, help="timm name, tf_efficientnet_lite0 or tiny"
@@ -59,6 +69,7 @@ def config_from_args(args: argparse.Namespace) -> SegmenterConfig:
         encoder_checkpoint=args.encoder_checkpoint,
         encoder_input_size=size,
         device=args.device,
+        encoder_runtime=args.encoder_runtime,
         model_dir=args.model_dir,
         random_weights=args.random_weights,
         score_threshold=args.score_threshold,

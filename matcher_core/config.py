@@ -28,7 +28,8 @@ class SegmenterConfig:
 
     # --- models ----------------------------------------------------------------------------
     sam_type: str = "vit_b"
-    """``vit_h`` | ``vit_l`` | ``vit_b`` | ``tiny`` (random-initialised test model)."""
+    """``vit_h`` | ``vit_l`` | ``vit_b`` | ``mobile_sam`` (TinyViT encoder + SAM's decoder, the
+    light CPU choice) | ``tiny`` / ``mobile_sam_tiny`` (random-initialised test models)."""
     sam_checkpoint: str | None = None
     """Path to a SAM checkpoint. ``None``: the official file, downloaded once into ``model_dir``."""
     encoder: str = "vit_small_patch14_dinov2.lvd142m"
@@ -38,6 +39,9 @@ class SegmenterConfig:
     """Local checkpoint for the encoder; ``None`` lets timm fetch its pretrained weights."""
     encoder_input_size: int = 518
     """Side of the square image fed to the matching encoder (518 = 37 patches of 14 pixels)."""
+    encoder_runtime: Literal["torch", "onnx", "onnx_int8"] = "torch"
+    """How the image encoders run on a CPU: PyTorch eager, or ONNX Runtime (exported once into
+    ``model_dir``; ``onnx_int8``: int8 MatMul weights). Ignored on CUDA (``runtime.py``)."""
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
     model_dir: str = "~/.cache/oneshot-labeler"
@@ -218,6 +222,9 @@ class SegmenterConfig:
     # --- caching and limits ---------------------------------------------------------------
     cache_bytes: int = 512 * 1024 * 1024
     """Memory bound of the embedding cache (SAM embeddings + encoder features)."""
+    decoder_memo_bytes: int = 256 * 1024 * 1024
+    """Memory bound of the memo of SAM decoder outputs (``decode_memo.py``): an image predicted
+    again with the same prompts runs no decoder; 0 disables it."""
     max_image_pixels: int = 64_000_000
     """Images with more pixels are refused (decompression bombs)."""
 

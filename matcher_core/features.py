@@ -109,6 +109,26 @@ class SamImageEncoder:
         x = self.sam.preprocess(x)  # normalise and pad to img_size x img_size
         return self.sam.image_encoder(x)[0], size
 
+    @torch.inference_mode()
+    def many(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """:meth:`__call__` for several images in one encoder batch (each resized and padded
+        alone, so every embedding equals its single-image one up to float rounding)."""
+        device = next(self.sam.parameters()).device
+        batch, sizes = [], []
+        for image in images:
+            size = self.input_size(image.shape[:2])
+            x = F.interpolate(
+                _to_tensor(image, device),
+                size=size,
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
+            batch.append(self.sam.preprocess(x))
+            sizes.append(size)
+        embeddings = self.sam.image_encoder(torch.cat(batch))
+        return [(embeddings[i], sizes[i]) for i in range(len(images))]
+
 
 # The EfficientNet's stride-16 cells are taken as centred like a ViT's, at ``c + 0.5`` cells: TF
 # "SAME" padding puts the *geometric* centre of cell ``c`` at input pixel ``16 c + 15.5`` (each
@@ -146,13 +166,37 @@ class PatchEncoder:
             antialias=True,
         )
         x = (x - self.mean.to(device)) / self.std.to(device)
+        return F.normalize(self.grid(x)[0].float(), dim=-1)
+
+    @torch.inference_mode()
+    def many(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """:meth:`__call__` for several images in one encoder batch."""
+        device = next(self.model.parameters()).device
+        size = (self.input_size, self.input_size)
+        x = torch.cat(
+            [
+                F.interpolate(
+                    _to_tensor(image, device) / 255.0,
+                    size=size,
+                    mode="bilinear",
+                    align_corners=False,
+                    antialias=True,
+                )
+                for image in images
+            ]
+        )
+        x = (x - self.mean.to(device)) / self.std.to(device)
+        grids = F.normalize(self.grid(x).float(), dim=-1)
+        return [grids[i] for i in range(len(images))]
+
+    def grid(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, gh, gw, D)`` features of normalised ``(B, 3, S, S)`` inputs (the network part;
+        :mod:`matcher_core.runtime` may replace it by an ONNX Runtime session)."""
         if self.is_vit:
             tokens = self._vit_prenorm_tokens(x)[:, self.model.num_prefix_tokens :]
             gh, gw = self.model.patch_embed.grid_size
-            grid = tokens.reshape(1, gh, gw, -1)
-        else:
-            grid = self._cnn_features(x)
-        return F.normalize(grid[0].float(), dim=-1)
+            return tokens.reshape(x.shape[0], gh, gw, -1)
+        return self._cnn_features(x)
 
     def _vit_prenorm_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """timm's ``VisionTransformer.forward_features`` without its final ``norm``."""

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import SegmenterConfig
+from .light_sam import MOBILE_SAM_URL, build_mobile_sam, build_mobile_sam_tiny
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,11 @@ SAM_CHECKPOINTS: dict[str, tuple[str, str]] = {
         "01ec64d29a2fca3f0661936605ae66f8",
     ),
 }
-SAM_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
+# Light SAM-compatible models (matcher_core/light_sam.py); MobileSAM publishes no checksum.
+LIGHT_SAM_CHECKPOINTS: dict[str, tuple[str, str | None]] = {"mobile_sam": (MOBILE_SAM_URL, None)}
+SAM_TYPES = ("vit_h", "vit_l", "vit_b", "mobile_sam", "tiny", "mobile_sam_tiny")
+RANDOM_ONLY_SAM_TYPES = ("tiny", "mobile_sam_tiny")
+"""Test configurations: they exist only with random weights."""
 
 # Architecture of the tiny test encoder: a 2-block DINOv2-style ViT from the same timm class.
 TINY_ENCODER_NAME = "vit_small_patch14_dinov2"
@@ -151,8 +156,13 @@ def build_sam_tiny(checkpoint: str | None = None) -> nn.Module:
 
 
 def _sam_builder(sam_type: str):
-    if sam_type == "tiny":
-        return build_sam_tiny
+    light = {
+        "tiny": build_sam_tiny,
+        "mobile_sam": build_mobile_sam,
+        "mobile_sam_tiny": build_mobile_sam_tiny,
+    }
+    if sam_type in light:
+        return light[sam_type]
     from segment_anything import sam_model_registry
 
     if sam_type not in sam_model_registry:
@@ -185,9 +195,11 @@ def resolve_sam_checkpoint(config: SegmenterConfig) -> Path:
         builder = _sam_builder(config.sam_type)
         name = f"random-sam-{config.sam_type}-seed{config.seed}.pth"
         return _random_checkpoint(directory / name, lambda: builder(None), config.seed)
-    if config.sam_type == "tiny":
-        raise ValueError("the tiny SAM exists only with random weights (random_weights=True)")
-    url, md5 = SAM_CHECKPOINTS[config.sam_type]
+    if config.sam_type in RANDOM_ONLY_SAM_TYPES:
+        raise ValueError(
+            f"SAM {config.sam_type!r} exists only with random weights (random_weights=True)"
+        )
+    url, md5 = {**SAM_CHECKPOINTS, **LIGHT_SAM_CHECKPOINTS}[config.sam_type]
     return download_checkpoint(url, directory / url.rsplit("/", 1)[1], md5)
 
 

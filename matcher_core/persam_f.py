@@ -35,6 +35,7 @@ meaning) instead of growing with their number.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -326,7 +327,8 @@ def train_mask_weights(
         return loss, gradient[1:] - gradient[0]
 
     iterations = segmenter.config.persam_f_iterations if iterations is None else iterations
-    with _one_intra_op_thread():
+    # The loop runs on host tensors in float32 whatever autocast the caller runs under.
+    with _one_intra_op_thread(), torch.autocast("cpu", enabled=False):
         report = _optimise(segmenter, loss_and_gradient, iterations, len(pairs))
     report.seconds = time.perf_counter() - start
     return report
@@ -360,4 +362,6 @@ def train_mask_weights_reference(
         return float(loss.detach()), free.grad
 
     iterations = segmenter.config.persam_f_iterations if iterations is None else iterations
-    return _optimise(segmenter, loss_and_gradient, iterations, len(pairs))
+    bypass = getattr(segmenter.decoder, "bypass", contextlib.nullcontext)  # no decoder memo
+    with bypass():
+        return _optimise(segmenter, loss_and_gradient, iterations, len(pairs))

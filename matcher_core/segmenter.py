@@ -18,6 +18,7 @@ import torch
 
 from .cache import EmbeddingCache, image_key
 from .config import SegmenterConfig
+from .decode_memo import MemoSamDecoder
 from .features import (
     ImageFeatures,
     PatchEncoder,
@@ -30,9 +31,14 @@ from .persam import valid_cells
 from .pipelines import pipeline_for
 from .prior import reference_statistics
 from .reference import Example, Instance, LabelReference, Reference, Shot
-from .sam_decoder import SamDecoder
 
 log = logging.getLogger(__name__)
+
+
+def _timm_version() -> str:
+    import timm
+
+    return timm.__version__
 
 
 class OneShotSegmenter:
@@ -61,7 +67,9 @@ class OneShotSegmenter:
             if config.mode == "persam"
             else PatchEncoder(load_encoder(config, self.device), config.encoder_input_size)
         )
-        self.decoder = SamDecoder(self.sam)
+        if config.encoder_runtime != "torch" and self.device.type == "cpu":
+            self._accelerate_encoders()
+        self.decoder = MemoSamDecoder(self.sam, config.decoder_memo_bytes)
         self.cache = EmbeddingCache(config.cache_bytes)
         encoder_id = (
             "sam"
@@ -75,6 +83,31 @@ class OneShotSegmenter:
         )
         self.encoder_calls = 0
         self.timings: dict[str, float] = defaultdict(float)
+
+    def _accelerate_encoders(self) -> None:
+        """Run both image encoders through ``config.encoder_runtime`` (ONNX Runtime)."""
+        from . import runtime
+        from .models import model_dir, resolve_sam_checkpoint
+
+        config, directory = self.config, model_dir(self.config)
+        sam_id = runtime.checkpoint_identity(resolve_sam_checkpoint(config), config.sam_type)
+        runtime.accelerate_sam(
+            self.sam, directory, f"{config.sam_type}:{sam_id}", config.encoder_runtime
+        )
+        if self.patch_encoder is not None:
+            checkpoint = config.encoder_checkpoint
+            if checkpoint is None and config.random_weights:
+                name = f"random-encoder-{config.encoder}-{config.encoder_input_size}"
+                checkpoint = directory / f"{name}-seed{config.seed}.pth"
+            encoder_id = runtime.checkpoint_identity(
+                checkpoint, f"timm{_timm_version()}:{config.encoder}"
+            )
+            runtime.accelerate_patch_encoder(
+                self.patch_encoder,
+                directory,
+                f"{config.encoder}:{encoder_id}",
+                config.encoder_runtime,
+            )
 
     # ---------------------------------------------------------------------------------------
     @contextmanager
@@ -112,6 +145,46 @@ class OneShotSegmenter:
         )
         self.cache.put(key, features)
         return features
+
+    def features_many(self, images: list[np.ndarray], batch_size: int = 4) -> list[ImageFeatures]:
+        """:meth:`features` of several images, the uncached ones through each encoder in
+        batches of ``batch_size`` (pays on a GPU; on a CPU it saves little). Duplicates (same
+        content) are encoded once."""
+        for image in images:
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(
+                    f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}"
+                )
+        keys = [image_key(image, self.model_id) for image in images]
+        todo: dict[str, np.ndarray] = {}
+        for key, image in zip(keys, images, strict=True):
+            if key not in todo and self.cache.get(key) is None:
+                todo[key] = image
+        pending = list(todo.items())
+        done: dict[str, ImageFeatures] = {}
+        for start in range(0, len(pending), max(1, batch_size)):
+            chunk = pending[start : start + max(1, batch_size)]
+            chunk_images = [image for _, image in chunk]
+            self.encoder_calls += len(chunk)
+            with self.timed("encoder_sam"):
+                sam_out = self.sam_encoder.many(chunk_images)
+            if self.patch_encoder is None:
+                grids = [sam_patch_grid(e, size, self.decoder.img_size) for e, size in sam_out]
+            else:
+                with self.timed("encoder_patch"):
+                    grids = self.patch_encoder.many(chunk_images)
+            for (key, image), (embedding, size), grid in zip(chunk, sam_out, grids, strict=True):
+                features = ImageFeatures(
+                    original_size=image.shape[:2],
+                    input_size=size,
+                    sam_embedding=embedding.clone(),
+                    patch_features=grid.clone(),
+                )
+                self.cache.put(key, features)
+                done[key] = features
+        return [
+            done.get(key) or self.features(image) for key, image in zip(keys, images, strict=True)
+        ]
 
     # ---------------------------------------------------------------------------------------
     def make_shot(self, features: ImageFeatures, masks: list[np.ndarray]) -> Shot:

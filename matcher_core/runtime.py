@@ -1,0 +1,197 @@
+"""Accelerated CPU runtime for the image encoders: ONNX Runtime, built from the loaded weights.
+
+``SegmenterConfig.encoder_runtime``:
+
+* ``torch`` (default): PyTorch eager, as loaded;
+* ``onnx``: the SAM image encoder and the matching encoder are exported to ONNX (fp32) at first
+  use, from the very modules :mod:`matcher_core.models` loaded, and run by ONNX Runtime (graph
+  optimisations: Conv+BatchNorm folding, fused GELU / LayerNorm / attention ...). Outputs match
+  PyTorch to float rounding (``tests/test_runtime.py`` states the tolerance);
+* ``onnx_int8``: the same graph with dynamically quantised int8 weights for its MatMuls (ONNX
+  Runtime's ``quantize_dynamic``); faster on some CPUs, with a measured drift (``BENCHMARKS.md``).
+
+Exports are cached in ``model_dir/onnx/`` under a name keyed by the checkpoint's identity (path,
+size and modification time of the weights file, or the timm model name for timm's own weights),
+the input size, and the torch / onnxruntime versions; they are written atomically (temp file +
+rename), so concurrent workers never read half a file.
+
+Only the CPU benefits: on CUDA the runtime setting is ignored (PyTorch runs the encoders).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("torch", "onnx", "onnx_int8")
+OPSET = 17
+
+
+def _versions() -> str:
+    import onnxruntime
+
+    return f"torch{torch.__version__}-ort{onnxruntime.__version__}"
+
+
+def checkpoint_identity(path: str | Path | None, fallback: str) -> str:
+    """Identity of a weights file (resolved path, size, mtime), or ``fallback`` when none."""
+    if path is None:
+        return fallback
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def cache_path(directory: Path, name: str, identity: str, input_shape: tuple[int, ...]) -> Path:
+    key = f"{identity}|{input_shape}|{_versions()}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return directory / "onnx" / f"{name}-{digest}.onnx"
+
+
+def export(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """Export ``module(example)`` to ``path`` (batch axis dynamic) unless it exists; atomic."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    log.warning("exporting %s to ONNX (once; cached at %s)", type(module).__name__, path)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                module.eval(),
+                (example,),
+                str(tmp),
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def quantise(source: Path) -> Path:
+    """int8 dynamic quantisation of ``source``'s MatMul weights (cached next to it)."""
+    target = source.with_name(source.stem + "-int8.onnx")
+    if target.exists():
+        return target
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        quantize_dynamic(
+            str(source), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
+        )
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
+class OnnxModule(nn.Module):
+    """An exported module run by ONNX Runtime on the CPU: ``forward(x) -> tensor`` like the
+    original (input moved to the CPU as float32, output returned on the input's device)."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.path = path
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        (out,) = self.session.run(["output"], {"input": array})
+        return torch.from_numpy(np.asarray(out)).to(x.device)
+
+
+def build(
+    module: nn.Module,
+    example: torch.Tensor,
+    directory: Path,
+    name: str,
+    identity: str,
+    runtime: str,
+) -> OnnxModule:
+    """The ONNX Runtime version of ``module`` for inputs shaped like ``example`` (any batch)."""
+    if runtime not in RUNTIMES[1:]:
+        raise ValueError(f"unknown encoder runtime {runtime!r}; choose one of {RUNTIMES}")
+    path = export(module, example, cache_path(directory, name, identity, tuple(example.shape[1:])))
+    if runtime == "onnx_int8":
+        path = quantise(path)
+    return OnnxModule(path)
+
+
+class SamEncoderOnnx(nn.Module):
+    """Stands in for ``sam.image_encoder``: keeps its ``img_size`` (read by ``Sam.preprocess``)
+    and runs the exported graph."""
+
+    def __init__(self, onnx: OnnxModule, img_size: int):
+        super().__init__()
+        self.onnx = onnx
+        self.img_size = img_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.onnx(x)
+
+
+def accelerate_sam(sam: nn.Module, directory: Path, identity: str, runtime: str) -> nn.Module:
+    """Replace ``sam.image_encoder`` by its ONNX Runtime version (in place; returns ``sam``).
+
+    The PyTorch encoder is kept as ``sam.torch_image_encoder`` (tests compare the two)."""
+    if runtime == "torch":
+        return sam
+    encoder = sam.image_encoder
+    size = encoder.img_size
+    example = torch.zeros(1, 3, size, size)
+    onnx = build(encoder.cpu(), example, directory, "sam-encoder", identity, runtime)
+    sam.torch_image_encoder = encoder
+    sam.image_encoder = SamEncoderOnnx(onnx, size)
+    return sam
+
+
+class _Grid(nn.Module):
+    def __init__(self, grid: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module):
+        super().__init__()
+        self.owner = owner
+        self._grid = grid
+
+    def forward(self, x):
+        return self._grid(x)
+
+
+def accelerate_patch_encoder(patch_encoder, directory: Path, identity: str, runtime: str) -> None:
+    """Run ``patch_encoder.grid`` (the network part of :class:`~matcher_core.features.PatchEncoder`)
+    through ONNX Runtime (in place)."""
+    if runtime == "torch":
+        return
+    size = patch_encoder.input_size
+    example = torch.zeros(1, 3, size, size)
+    patch_encoder.model.cpu()
+    onnx = build(
+        _Grid(patch_encoder.grid, patch_encoder.model),
+        example,
+        directory,
+        "patch-encoder",
+        identity,
+        runtime,
+    )
+    patch_encoder.grid = onnx

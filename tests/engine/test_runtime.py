@@ -1,0 +1,117 @@
+"""The ONNX Runtime encoders: built from the loaded weights, cached by checkpoint identity, and
+equal to PyTorch within float rounding (embeddings) with the same masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from matcher_core import Example, OneShotSegmenter, runtime, tiny_config
+
+
+def disc_image(height, width, centre, radius, seed=0):
+    """A textured background with one bright disc: (image, mask) (own copy: the tests layout
+    is being reorganised)."""
+    generator = np.random.default_rng(seed)
+    image = generator.integers(0, 80, size=(height, width, 3), dtype=np.uint8)
+    ys, xs = np.mgrid[:height, :width]
+    mask = (xs - centre[0]) ** 2 + (ys - centre[1]) ** 2 <= radius**2
+    image[mask] = (220, 40, 40)
+    return image, mask
+
+
+pytest.importorskip("onnxruntime")
+
+EMBEDDING_RTOL = 1e-4
+"""Relative L2 error allowed between the fp32 ONNX Runtime and PyTorch embeddings (measured
+~1e-6 on the tiny models and on real-size random MobileSAM / vit_b: ``BENCHMARKS.md``)."""
+INT8_RTOL = 0.1
+"""int8 weights drift more; the figure measured on the real sizes is in ``BENCHMARKS.md``."""
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return 1.0 if union == 0 else float((a & b).sum() / union)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("runtime"))
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return disc_image(120, 160, (60, 50), 22, seed=1), disc_image(120, 160, (100, 70), 20, seed=2)
+
+
+@pytest.mark.parametrize("sam_type", ["tiny", "mobile_sam_tiny"])
+def test_onnx_encoders_match_pytorch_and_give_the_same_masks(model_dir, scene, sam_type):
+    (ref_image, ref_mask), (target, _) = scene
+    eager = OneShotSegmenter(tiny_config(model_dir=model_dir, sam_type=sam_type))
+    onnx = OneShotSegmenter(
+        tiny_config(model_dir=model_dir, sam_type=sam_type, encoder_runtime="onnx")
+    )
+    assert isinstance(onnx.sam.image_encoder, runtime.SamEncoderOnnx)
+    for image in (ref_image, target):
+        a, b = eager.features(image), onnx.features(image)
+        rel = (a.sam_embedding - b.sam_embedding).norm() / a.sam_embedding.norm()
+        assert rel < EMBEDDING_RTOL
+        rel = (a.patch_features - b.patch_features).norm() / a.patch_features.norm()
+        assert rel < EMBEDDING_RTOL
+    # Masks: smart tool on a grid of points, and the Matcher pipeline end to end.
+    for x in range(20, 160, 30):
+        for y in range(20, 120, 30):
+            point = np.array([[x, y]])
+            ma, _ = eager.segment_from_prompts(target, points=point, point_labels=[1])
+            mb, _ = onnx.segment_from_prompts(target, points=point, point_labels=[1])
+            assert _iou(ma, mb) >= 0.98
+    examples = [Example(ref_image, {"disc": [ref_mask]})]
+    found_a = eager.segment(eager.build_reference(examples), target)
+    found_b = onnx.segment(onnx.build_reference(examples), target)
+    assert len(found_a) == len(found_b)
+    for ia, ib in zip(found_a, found_b, strict=True):
+        assert _iou(ia.mask, ib.mask) >= 0.98
+
+
+def test_the_export_is_cached_and_keyed_by_the_checkpoint(model_dir, tmp_path, monkeypatch):
+    OneShotSegmenter(tiny_config(model_dir=model_dir, encoder_runtime="onnx"))
+    files = sorted((tmp_path.parent / model_dir).glob("onnx/*.onnx"))
+    assert files
+    exported = []
+    monkeypatch.setattr(runtime.torch.onnx, "export", lambda *a, **k: exported.append(a))
+    OneShotSegmenter(tiny_config(model_dir=model_dir, encoder_runtime="onnx"))
+    assert exported == []  # served from the cache
+    # Another checkpoint (other seed) gets other files.
+    a = runtime.cache_path(tmp_path, "sam-encoder", "x:1:2", (3, 8, 8))
+    b = runtime.cache_path(tmp_path, "sam-encoder", "x:1:3", (3, 8, 8))
+    assert a != b and a.parent == tmp_path / "onnx"
+
+
+def test_batches_run_through_the_exported_graph(model_dir):
+    segmenter = OneShotSegmenter(
+        tiny_config(model_dir=model_dir, sam_type="mobile_sam_tiny", encoder_runtime="onnx")
+    )
+    x = torch.randn(3, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    batched = segmenter.sam.image_encoder(x)
+    torch_encoder = segmenter.sam.torch_image_encoder
+    with torch.inference_mode():
+        expected = torch_encoder(x)
+    assert batched.shape == expected.shape == (3, 32, 16, 16)
+    assert (batched - expected).norm() / expected.norm() < EMBEDDING_RTOL
+
+
+def test_int8_runs_with_bounded_drift(model_dir, scene):
+    (image, _), _ = scene
+    eager = OneShotSegmenter(tiny_config(model_dir=model_dir, sam_type="mobile_sam_tiny"))
+    int8 = OneShotSegmenter(
+        tiny_config(model_dir=model_dir, sam_type="mobile_sam_tiny", encoder_runtime="onnx_int8")
+    )
+    assert int8.sam.image_encoder.onnx.path.name.endswith("-int8.onnx")
+    a, b = eager.features(image).sam_embedding, int8.features(image).sam_embedding
+    assert (a - b).norm() / a.norm() < INT8_RTOL
+
+
+def test_unknown_runtime_is_refused(model_dir):
+    with pytest.raises(ValueError, match="runtime"):
+        OneShotSegmenter(tiny_config(model_dir=model_dir, encoder_runtime="tensorrt"))
