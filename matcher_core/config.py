@@ -315,6 +315,33 @@ MATCHER_PART = {
 """Matcher's ``scripts/paco_part.sh``: matched points plus their box, subsets of 3..6 (128 per
 size), coverage >= 0.3, score ``0.5 * (1 - emd) + 0.5 * purity``, union of the top 5 above 0.7."""
 
+PERSAM = dict(
+    mode="persam",
+    persam_multi_instance=False,
+    absence_test=False,
+    max_instances=1,
+    min_instance_area=0,
+    score_threshold=0.0,
+    persam_prior_frame="image",
+    persam_semantic_prompt="published",
+    persam_refine_multimask=True,
+    persam_use_mask_weights=False,
+    persam_f_train_on_reference=False,
+)
+"""PerSAM as published (``persam.py``): one mask per label and target, no absence test, no
+instance search."""
+
+PERSAM_F = {
+    **PERSAM,
+    **dict(
+        persam_f_first_pass="published",
+        persam_use_mask_weights=True,
+        persam_f_train_on_reference=True,
+    ),
+}
+"""PerSAM-F as published (``persam_f.py``): PerSAM's output rules, its own first pass, the mask
+weights trained on the reference."""
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The product's defaults (see BENCHMARKS.md, "Faithfulness", for each departure and its cost).
     "fast": {},
@@ -325,32 +352,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "part": MATCHER_PART,
     # PerSAM and PerSAM-F exactly as published (persam.py / persam_f.py): one mask per label and
     # target, no absence test, no instance search; PerSAM-F trains its weights on the reference.
-    "persam": dict(
-        mode="persam",
-        persam_multi_instance=False,
-        absence_test=False,
-        max_instances=1,
-        min_instance_area=0,
-        score_threshold=0.0,
-        persam_prior_frame="image",
-        persam_semantic_prompt="published",
-        persam_refine_multimask=True,
-        persam_use_mask_weights=False,
-        persam_f_train_on_reference=False,
-    ),
-    "persam_f": dict(
-        mode="persam",
-        persam_multi_instance=False,
-        absence_test=False,
-        max_instances=1,
-        min_instance_area=0,
-        score_threshold=0.0,
-        persam_prior_frame="image",
-        persam_refine_multimask=True,
-        persam_f_first_pass="published",
-        persam_use_mask_weights=True,
-        persam_f_train_on_reference=True,
-    ),
+    "persam": PERSAM,
+    "persam_f": PERSAM_F,
 }
 
 

@@ -97,6 +97,12 @@ class SamImageEncoder:
     @torch.inference_mode()
     def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """``(C, He, We)`` embedding of an ``(H, W, 3)`` uint8 RGB image, and its input size."""
+        x, size = self.prepare(image)
+        return self.sam.image_encoder(x)[0], size
+
+    def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``(1, 3, S, S)`` SAM input of an ``(H, W, 3)`` uint8 image (``SamPredictor``'s resize,
+        normalisation and padding to ``img_size``) and its ``(h, w)`` before padding."""
         device = next(self.sam.parameters()).device
         size = self.input_size(image.shape[:2])
         x = F.interpolate(
@@ -106,25 +112,16 @@ class SamImageEncoder:
             align_corners=False,
             antialias=True,
         )
-        x = self.sam.preprocess(x)  # normalise and pad to img_size x img_size
-        return self.sam.image_encoder(x)[0], size
+        return self.sam.preprocess(x), size  # normalise and pad to img_size x img_size
 
     @torch.inference_mode()
     def many(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
         """:meth:`__call__` for several images in one encoder batch (each resized and padded
         alone, so every embedding equals its single-image one up to float rounding)."""
-        device = next(self.sam.parameters()).device
         batch, sizes = [], []
         for image in images:
-            size = self.input_size(image.shape[:2])
-            x = F.interpolate(
-                _to_tensor(image, device),
-                size=size,
-                mode="bilinear",
-                align_corners=False,
-                antialias=True,
-            )
-            batch.append(self.sam.preprocess(x))
+            x, size = self.prepare(image)
+            batch.append(x)
             sizes.append(size)
         embeddings = self.sam.image_encoder(torch.cat(batch))
         return [(embeddings[i], sizes[i]) for i in range(len(images))]
