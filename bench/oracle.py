@@ -287,6 +287,8 @@ CONFIGS = {
     "part": lambda: SegmenterConfig().with_preset("part"),
     "coco": lambda: SegmenterConfig().with_preset("coco"),
     "fss+absence": lambda: SegmenterConfig().with_preset("fss").replace(absence_test=True),
+    "fast-no-absence": lambda: SegmenterConfig(absence_test=False),
+    "fast-margin-0.1": lambda: SegmenterConfig(absence_margin=0.1),
 }
 
 
