@@ -119,7 +119,8 @@ def method_points(
     margin (forward-match cosine minus the reference's background baseline; the object is taken
     to be present above 0) and the kept fraction (forward matches surviving the reverse check)."""
     centres = patch_centres(tuple(target.shape[:2]), size)
-    full = match_shots([shot], target)
+    coverage = config.object_cell_coverage
+    full = match_shots([shot], target, object_coverage=coverage)
     match = prune_matches(full, config.prune_matches_above)  # what the pipeline prompts from
     matched_xy = centres[match.target_indices]
     if len(matched_xy):
@@ -127,7 +128,7 @@ def method_points(
         prompt_centres = sample_prompts(matched_xy, config, rng).centres
     else:
         prompt_centres = np.zeros((0, 2), np.float32)
-    reference_mean = torch.from_numpy(shot.masked_features().mean(0))
+    reference_mean = torch.from_numpy(shot.masked_features(coverage).mean(0))
     prior = location_prior(reference_mean, target).reshape(-1)
     top_k = torch.topk(prior, min(config.num_clusters, len(prior))).indices.numpy()
     points = {
@@ -136,7 +137,8 @@ def method_points(
         METHODS[2]: centres[top_k[:1]],
         METHODS[3]: centres[top_k],
     }
-    return points, (full.forward_similarity - absence_baseline([shot]), full.kept_fraction)
+    margin = full.forward_similarity - absence_baseline([shot], coverage)
+    return points, (margin, full.kept_fraction)
 
 
 def auc(positive: list[float], negative: list[float]) -> float:
@@ -165,10 +167,18 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=448)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--object-cell-coverage",
+        type=float,
+        default=None,
+        help="which reference cells are object (default: the engine's; 0 = Matcher's any coverage)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     config = real_feature_config(args.input_size)
+    if args.object_cell_coverage is not None:
+        config = config.replace(object_cell_coverage=args.object_cell_coverage)
     encoder = real_encoder(config)
     start = time.perf_counter()
     # The reference and at most `limit` targets per folder.
