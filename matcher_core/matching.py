@@ -268,9 +268,9 @@ def absence_baseline(shots: Sequence[Shot], object_coverage: float = OBJECT_CELL
     for shot in shots:
         features = _flat_features(shot.patch_features)
         inside = shot.object_cells(object_coverage)
-        near = ndimage.binary_dilation(
-            inside.reshape(np.shape(shot.patch_mask)), iterations=BACKGROUND_RING
-        )
+        near = inside.reshape(np.shape(shot.patch_mask))
+        if BACKGROUND_RING > 0:  # scipy dilates until nothing changes when iterations < 1
+            near = ndimage.binary_dilation(near, iterations=BACKGROUND_RING)
         background = ~near.reshape(-1)
         if not background.any():
             continue
