@@ -7,22 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from builders import disc_image
 from matcher_core import Example, OneShotSegmenter, models, tiny_config
 from matcher_core.config import SegmenterConfig
 from matcher_core.light_sam import TINY_SPEC, TinyViT
 from matcher_core.sam_decoder import SamDecoder
-
-
-def disc_image(height, width, centre, radius, seed=0):
-    """A textured background with one bright disc: (image, mask) (own copy: the tests layout
-    is being reorganised)."""
-    generator = np.random.default_rng(seed)
-    image = generator.integers(0, 80, size=(height, width, 3), dtype=np.uint8)
-    ys, xs = np.mgrid[:height, :width]
-    mask = (xs - centre[0]) ** 2 + (ys - centre[1]) ** 2 <= radius**2
-    image[mask] = (220, 40, 40)
-    return image, mask
-
 
 # Parameter names of MobileSAM's released mobile_sam.pt (a sample across the modules).
 MOBILE_SAM_KEYS = (
