@@ -10,9 +10,11 @@ the model version is a hash of the state it decides predictions with.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from labelstudio import LabelingSchema, annotation_to_masks
 from matcher_core import Example, Reference
@@ -72,12 +74,56 @@ class TrainingExample:
 LearnHook = Callable[[ProjectState, Reference, list[TrainingExample]], "Reference | None"]
 
 
+VOLATILE_FIGURES = ("seconds",)
+"""Keys of the learned summary that measure a run rather than describe what was learned (wall-clock
+time): left out of the version, so the same data always gives the same version."""
+
+VERSION_PATTERN = re.compile(
+    r"^(?P<prefix>(?:random-)?)g(?P<generation>\d+)-(?P<digest>[0-9a-f]+)$"
+)
+VERSION_DIGEST_CHARS = 8
+"""Hex digits of the content hash in a served version: Label Studio 1.23's version tabs show
+about 16 characters, so ``random-g12-5a7baf1c`` stays readable there."""
+
+
+def stable_figures(learned: Any) -> Any:
+    """``learned`` without its wall-clock figures (``*seconds`` keys, at any depth)."""
+    if isinstance(learned, dict):
+        return {
+            key: stable_figures(value)
+            for key, value in learned.items()
+            if not (isinstance(key, str) and key.endswith(VOLATILE_FIGURES))
+        }
+    if isinstance(learned, list):
+        return [stable_figures(value) for value in learned]
+    return learned
+
+
 def model_version_of(reference: Reference | None, learned: dict, mode: str) -> str:
-    """The project's model version: :func:`matcher_core.learning.model_version` of the reference
-    with the learned summary and the engine mode; ``oneshot-waiting`` without a reference."""
+    """The content hash of what is served: :func:`matcher_core.learning.model_version` of the
+    reference with the learned summary (timings left out) and the engine mode;
+    ``oneshot-waiting`` without a reference."""
     if reference is None:
         return WAITING_VERSION
-    return model_version(reference, context={"mode": mode, "learned": learned})
+    return model_version(reference, context={"mode": mode, "learned": stable_figures(learned)})
+
+
+def served_version(previous: str, content_version: str) -> str:
+    """The version shown in Label Studio for ``content_version`` (a content hash), after
+    ``previous``: ``g<generation>-<8 hex>``, with ``random-`` first for random test weights.
+
+    The generation counts the learned states a project has served (1 for the first reference);
+    it grows only when the content hash changes, so an unchanged retraining keeps ``previous``.
+    """
+    if content_version == WAITING_VERSION:
+        return WAITING_VERSION
+    digest = content_version.rsplit("-", 1)[-1][:VERSION_DIGEST_CHARS]
+    prefix = "random-" if content_version.startswith("oneshot-random-") else ""
+    match = VERSION_PATTERN.match(previous)
+    if match and match["digest"] == digest and match["prefix"] == prefix:
+        return previous
+    generation = int(match["generation"]) + 1 if match else 1
+    return f"{prefix}g{generation}-{digest}"
 
 
 def example_order(item: tuple[str, dict]) -> tuple:
@@ -314,7 +360,8 @@ def _commit(
 ) -> ProjectState:
     """Write the run's reference, learned state and version (fenced by the lease) and log it."""
     project_id, state, reference = run.project_id, run.state, run.reference
-    version = model_version_of(reference, state.learned, project.settings.mode)
+    content = model_version_of(reference, state.learned, project.settings.mode)
+    version = served_version(state.model_version, content)
     blob = reference.to_bytes() if reference is not None else None
     source_info = None
     if run.source is not None:

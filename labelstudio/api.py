@@ -136,6 +136,11 @@ class LabelStudioAPI:
             raise LabelStudioAPIError("the project export is not a list of tasks")
         return tasks
 
+    def whoami(self) -> dict:
+        """The token's user (``GET /api/current-user/whoami``): the cheapest call that proves
+        Label Studio accepts the token."""
+        return self._send("GET", "/api/current-user/whoami")
+
     def task(self, task_id: int) -> dict:
         return self._send("GET", f"/api/tasks/{task_id}/")
 

@@ -50,6 +50,12 @@ def fake_ls():
         state.downloads += 1
         return data, 200, {"Content-Type": "image/png"}
 
+    @app.get("/api/current-user/whoami")
+    def whoami():
+        if not authorized():
+            return jsonify({"detail": "Authentication credentials were not provided."}), 401
+        return jsonify({"id": 1, "email": "admin@example.com"})
+
     @app.get("/status/<int:code>")
     def status(code):
         return jsonify({"detail": "status"}), code

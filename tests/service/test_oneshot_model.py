@@ -13,6 +13,7 @@ from backend.runtime import Runtime
 from backend.settings import CPU_DEFAULTS, GPU_DEFAULTS, Settings, SettingsError
 from backend.store import WAITING_VERSION, RedisStore
 from backend.telemetry import Metrics
+from backend.training import served_version
 from labelstudio.auth import jwt_token_type
 from matcher_core import Reference
 from model import BadRequest, OneShotModel, model_version_of, project_id_of
@@ -154,6 +155,23 @@ def test_the_model_version_is_a_stable_function_of_the_learned_state(segmenter):
     assert model_version_of(reference, {"thresholds": {"Cat": 0.4}}, "matcher") != version
     reference.labels["Cat"].score_threshold = 0.3
     assert model_version_of(reference, {}, "matcher") != version
+    # Wall-clock figures of a training are not what was learned: they change nothing.
+    timed = {"labels": {"Cat": {"shots": 1, "weights_seconds": 1.5}}}
+    retimed = {"labels": {"Cat": {"shots": 1, "weights_seconds": 9.0}}}
+    assert model_version_of(reference, timed, "matcher") == model_version_of(
+        reference, retimed, "matcher"
+    )
+
+
+def test_served_versions_count_generations_and_keep_unchanged_content():
+    """What Label Studio shows: ``g<n>-<8 hex>`` (``random-`` first for random weights), a new
+    generation only when the learned content changes."""
+    first = served_version(WAITING_VERSION, "oneshot-random-5a7baf1c2d3e")
+    assert first == "random-g1-5a7baf1c"
+    assert served_version(first, "oneshot-random-5a7baf1c2d3e") == first  # unchanged data
+    assert served_version(first, "oneshot-random-0123456789ab") == "random-g2-01234567"
+    assert served_version("g7-5a7baf1c", "oneshot-ffffffffffff") == "g8-ffffffff"
+    assert served_version("g7-5a7baf1c", WAITING_VERSION) == WAITING_VERSION
 
 
 # ---------------------------------------------------------------------------------------------
