@@ -394,17 +394,20 @@ def _commit(
     seconds = time.perf_counter() - started
     project.metrics.trainings.inc("ok")
     project.metrics.training_seconds.observe(seconds)
+    # One line per training, with true numbers: an annotation that could not be loaded this
+    # time (e.g. its download got HTTP 401) is counted as not learned, not as learned.
+    not_learned = sorted(unlearned)
     log.info(
-        "project %s: %s from %d annotation(s) (%d learned, %d unusable) in %.1f s; "
-        "model version %s -> %s",
+        "project %s: %s from %d annotation(s): %d learned, %d not learned%s in %.1f s; "
+        "model version %s",
         project_id,
         reason,
         len(run.examples),
-        len(applied),
-        len(run.failures),
+        len([key for key in applied if key not in unlearned]),
+        len(not_learned),
+        f" ({', '.join(not_learned[:5])}: retried later)" if not_learned else "",
         seconds,
-        state.model_version,
-        version,
+        version if version == state.model_version else f"{state.model_version} -> {version}",
     )
     return new_state
 
