@@ -32,6 +32,7 @@ from .store import (
     StoreUnavailable,
     example_key,
 )
+from .superseded import remove_superseded
 
 log = logging.getLogger("oneshot.model")
 
@@ -253,7 +254,10 @@ def train(
         return project.store.update(project_id, served, reason="nothing to learn", fence=fence)
     if run.reference is not None and custom_hook:
         cap_shots(project, run.reference)
-    return _commit(project, run, unlearned, fence, started, requested)
+    new_state = _commit(project, run, unlearned, fence, started, requested)
+    if new_state.model_version != state.model_version and all(project.connection(new_state)):
+        remove_superseded(project, new_state)
+    return new_state
 
 
 class _TrainingRun:

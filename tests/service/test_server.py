@@ -180,6 +180,34 @@ def test_models_that_fail_to_load_fail_setup_and_health(backend, fake_ls, monkey
     assert "no such checkpoint" in health["errors"][0]
 
 
+def test_a_new_version_removes_only_superseded_predictions_of_unlabeled_tasks(backend, fake_ls):
+    """After a training changes the version, each unlabeled task keeps no prediction of an older
+    version of this backend (Label Studio then fetches the current one on open); labeled tasks,
+    the current version and other models' predictions are left alone."""
+    from backend.project import ProjectContext
+    from backend.superseded import remove_superseded
+
+    _, runtime = backend
+    old, current = "random-g1-0123abcd", "random-g2-4567ef01"
+    fake_ls.posted.extend(
+        [
+            {"task": 1, "model_version": old},  # id 1: unlabeled, superseded -> removed
+            {"task": 1, "model_version": current},  # id 2: current -> kept
+            {"task": 2, "model_version": old},  # id 3: labeled task -> kept
+            {"task": 3, "model_version": "yolo-v8"},  # id 4: another model -> kept
+            {"task": 3, "model_version": "oneshot-waiting"},  # id 5: earlier release -> removed
+        ]
+    )
+    fake_ls.annotations[2] = [{"id": 7, "parent_prediction": 3}]
+    state = runtime.store.load(str(PROJECT))
+    state.model_version = current
+
+    removed = remove_superseded(ProjectContext(PROJECT, runtime=runtime), state)
+
+    assert removed == 2
+    assert sorted(fake_ls.deleted) == [1, 5]
+
+
 def test_first_annotation_becomes_the_reference_and_changes_the_version(backend, fake_ls):
     client, runtime = backend
     assert client.post("/setup", json=setup_body(fake_ls)).json["model_version"] == WAITING_VERSION
