@@ -403,13 +403,27 @@ def _register_routes(app: Flask, runtime: Runtime) -> None:
         project = request.args.get("project") or body.get("project")
         project_id = project_id_of(project) if project is not None else None
         history = runtime.store.versions(project_id)
+        if project_id is None:
+            # Label Studio 1.23 sends no project on this GET: one list would mix the versions of
+            # every project, so each project's are listed apart.
+            by_project: dict[str, list[str]] = {}
+            for entry in history:
+                names = by_project.setdefault(str(entry["project_id"]), [])
+                if entry["model_version"] not in names:
+                    names.append(entry["model_version"])
+            return jsonify(
+                {"versions": [], "by_project": by_project, "hint": "/versions?project=<id>"}
+            )
         names = list(dict.fromkeys(entry["model_version"] for entry in history))
-        answer: dict[str, Any] = {"versions": names, "history": history}
-        if project_id is not None:
-            state = runtime.store.load(project_id)
-            answer["current"] = state.model_version
-            answer["last_error"] = state.last_error
-        return jsonify(answer)
+        state = runtime.store.load(project_id)
+        return jsonify(
+            {
+                "versions": names,
+                "history": history,
+                "current": state.model_version,
+                "last_error": state.last_error,
+            }
+        )
 
     @app.get("/metrics")
     def prometheus_metrics():

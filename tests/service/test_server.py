@@ -227,6 +227,9 @@ def test_first_annotation_becomes_the_reference_and_changes_the_version(backend,
     state = runtime.store.load(str(PROJECT))
     assert state.reference_source["annotation_id"] == 100
     versions = client.get("/versions", query_string={"project": f"{PROJECT}.1"}).json
+    # Without a project (Label Studio's own GET sends none) no list mixes projects.
+    unnamed = client.get("/versions").json
+    assert unnamed["versions"] == [] and unnamed["by_project"] == {str(PROJECT): [version]}
     assert versions["versions"] == [version]
     assert versions["current"] == version
 
