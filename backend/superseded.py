@@ -26,7 +26,7 @@ from .store import ProjectState
 log = logging.getLogger("oneshot.model")
 
 OWN_VERSION = re.compile(
-    r"^(?:random-)?g\d+-[0-9a-f]{8}$"  # this backend's versions
+    r"^(?:rnd-)?g\d+-[0-9a-f]{6}$"  # this backend's versions
     r"|^oneshot-(?:random-)?[0-9a-f]{12}$|^oneshot-waiting$"  # and those of earlier releases
 )
 

@@ -79,12 +79,11 @@ VOLATILE_FIGURES = ("seconds",)
 """Keys of the learned summary that measure a run rather than describe what was learned (wall-clock
 time): left out of the version, so the same data always gives the same version."""
 
-VERSION_PATTERN = re.compile(
-    r"^(?P<prefix>(?:random-)?)g(?P<generation>\d+)-(?P<digest>[0-9a-f]+)$"
-)
-VERSION_DIGEST_CHARS = 8
-"""Hex digits of the content hash in a served version: Label Studio 1.23's version tabs show
-about 16 characters, so ``random-g12-5a7baf1c`` stays readable there."""
+VERSION_PATTERN = re.compile(r"^(?P<prefix>(?:rnd-)?)g(?P<generation>\d+)-(?P<digest>[0-9a-f]+)$")
+VERSION_DIGEST_CHARS = 6
+"""Hex digits of the content hash in a served version: Label Studio 1.23's prediction tabs
+show a version of up to 15 characters whole and cut longer ones to ``first 8...last 6``, so
+``rnd-g12-5a7baf`` (random weights, generation 12) is read at a glance there."""
 
 
 def stable_figures(learned: Any) -> Any:
@@ -111,7 +110,7 @@ def model_version_of(reference: Reference | None, learned: dict, mode: str) -> s
 
 def served_version(previous: str, content_version: str) -> str:
     """The version shown in Label Studio for ``content_version`` (a content hash), after
-    ``previous``: ``g<generation>-<8 hex>``, with ``random-`` first for random test weights.
+    ``previous``: ``g<generation>-<6 hex>``, with ``rnd-`` first for random test weights.
 
     The generation counts the learned states a project has served (1 for the first reference);
     it grows only when the content hash changes, so an unchanged retraining keeps ``previous``.
@@ -119,7 +118,7 @@ def served_version(previous: str, content_version: str) -> str:
     if content_version == WAITING_VERSION:
         return WAITING_VERSION
     digest = content_version.rsplit("-", 1)[-1][:VERSION_DIGEST_CHARS]
-    prefix = "random-" if content_version.startswith("oneshot-random-") else ""
+    prefix = "rnd-" if content_version.startswith("oneshot-random-") else ""
     match = VERSION_PATTERN.match(previous)
     if match and match["digest"] == digest and match["prefix"] == prefix:
         return previous

@@ -321,7 +321,7 @@ def test_one_annotation_prelabels_the_other_tasks(
         label_studio, project, version_without_reference, PREDICTION_TIMEOUT_S
     )
     # Short enough for Label Studio's version tabs, the random marker and generation first.
-    assert re.fullmatch(r"random-g1-[0-9a-f]{8}", version), version
+    assert re.fullmatch(r"rnd-g1-[0-9a-f]{6}", version), version
     predictions = wait_for_predictions_of(label_studio, project, version)
     assert_prelabels_of_unlabeled_tasks(project, predictions)
 

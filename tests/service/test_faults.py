@@ -93,7 +93,7 @@ def expected_version(segmenter, box, mode: str = "matcher") -> str:
 
 
 def content_of(version: str) -> str:
-    """A served version without its generation (``random-g2-5a7baf1c`` -> ``5a7baf1c``)."""
+    """A served version without its generation (``rnd-g2-5a7baf`` -> ``5a7baf``)."""
     return version.rsplit("-", 1)[-1]
 
 

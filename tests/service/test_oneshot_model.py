@@ -164,14 +164,16 @@ def test_the_model_version_is_a_stable_function_of_the_learned_state(segmenter):
 
 
 def test_served_versions_count_generations_and_keep_unchanged_content():
-    """What Label Studio shows: ``g<n>-<8 hex>`` (``random-`` first for random weights), a new
-    generation only when the learned content changes."""
+    """What Label Studio shows: ``g<n>-<6 hex>`` (``rnd-`` first for random weights), whole in
+    its prediction tabs (at most 15 characters), a new generation only when the learned content
+    changes."""
     first = served_version(WAITING_VERSION, "oneshot-random-5a7baf1c2d3e")
-    assert first == "random-g1-5a7baf1c"
+    assert first == "rnd-g1-5a7baf"
     assert served_version(first, "oneshot-random-5a7baf1c2d3e") == first  # unchanged data
-    assert served_version(first, "oneshot-random-0123456789ab") == "random-g2-01234567"
-    assert served_version("g7-5a7baf1c", "oneshot-ffffffffffff") == "g8-ffffffff"
-    assert served_version("g7-5a7baf1c", WAITING_VERSION) == WAITING_VERSION
+    assert served_version(first, "oneshot-random-0123456789ab") == "rnd-g2-012345"
+    assert served_version("g7-5a7baf", "oneshot-ffffffffffff") == "g8-ffffff"
+    assert served_version("g7-5a7baf", WAITING_VERSION) == WAITING_VERSION
+    assert len(served_version("rnd-g998-5a7baf", "oneshot-random-0123456789ab")) <= 15
 
 
 # ---------------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def test_a_new_version_removes_only_superseded_predictions_of_unlabeled_tasks(ba
     from backend.superseded import remove_superseded
 
     _, runtime = backend
-    old, current = "random-g1-0123abcd", "random-g2-4567ef01"
+    old, current = "rnd-g1-0123ab", "rnd-g2-4567ef"
     fake_ls.posted.extend(
         [
             {"task": 1, "model_version": old},  # id 1: unlabeled, superseded -> removed
@@ -223,7 +223,7 @@ def test_first_annotation_becomes_the_reference_and_changes_the_version(backend,
 
     version = client.post("/setup", json=setup_body(fake_ls)).json["model_version"]
     # Short enough for Label Studio's version tabs; random test weights say so first.
-    assert re.fullmatch(r"random-g1-[0-9a-f]{8}", version), version
+    assert re.fullmatch(r"rnd-g1-[0-9a-f]{6}", version), version
     state = runtime.store.load(str(PROJECT))
     assert state.reference_source["annotation_id"] == 100
     versions = client.get("/versions", query_string={"project": f"{PROJECT}.1"}).json
