@@ -29,6 +29,9 @@ def _build_app(overrides: dict[str, str] | None = None):
     log.info("settings: %s", settings.describe())
     runtime = Runtime(settings)
     set_runtime(runtime)  # background jobs and anything else asking for the runtime get this one
+    # Load the models now: a failed load is then known (and shown by /health and /setup) before
+    # Label Studio connects, not at the first task.
+    runtime.warm_up()
     return create_app(runtime)
 
 

@@ -7,11 +7,13 @@ request to the use case that does the work: :mod:`.project` (``/setup``), :mod:`
 Lifecycle of a project:
 
 1. ``/setup``: the connection details and the label config are recorded; the model version is
-   ``oneshot-waiting`` and ``/predict`` answers an empty prediction per task, quickly.
+   ``oneshot-waiting`` and ``/predict`` answers ``[]`` per task, quickly (Label Studio stores
+   nothing, and asks again once there is a reference).
 2. The first submitted annotation with masks (brush, polygon, or rectangle / keypoint turned into
    masks by SAM) arrives by webhook: it is validated at once, stored, and a background training
    builds the reference from it (every label, every instance). The model version becomes
-   ``oneshot-<hash of the learned state>``, so Label Studio asks again for every task.
+   ``g1-<hash of the learned state>`` (``rnd-g1-...`` with random weights), so Label Studio asks
+   again for every task; each later change of what is learned counts the generation up.
 3. Later annotations are stored as examples and handed to :meth:`OneShotModel.learn` (learning
    from corrections). ``START_TRAINING`` refetches every annotation from Label Studio and rebuilds.
 """

@@ -12,7 +12,7 @@ from labelstudio import LabelingSchema, instances_to_results, interactive_prompt
 from labelstudio.api import LabelStudioAPI, LabelStudioAPIError
 from matcher_core import Instance, Reference
 
-from .errors import TASK_INPUT_ERRORS, BadRequest, LimitExceeded
+from .errors import TASK_INPUT_ERRORS, BadRequest, LimitExceeded, ServiceUnavailable
 from .leases import resume_stalled_training
 from .project import ProjectContext
 from .store import WAITING_VERSION, ProjectState, StoreError, key_part
@@ -46,20 +46,31 @@ def predict(project: ProjectContext, tasks: list[dict], context: dict | None = N
         return {"results": [], "model_version": state.model_version}
     if state.reference is None:
         log.info(
-            "project %s has no reference yet: %d empty prediction(s); submit one annotation "
-            "with masks to start pre-labeling",
+            "project %s: no reference yet, %d task(s) get no prediction (nothing is stored, so "
+            "Label Studio asks again once there is one): %s",
             state.project_id,
             len(tasks),
+            why_no_reference(state),
         )
         project.metrics.tasks_predicted.inc("no_reference", amount=len(tasks))
-        empty = {"result": [], "score": 0.0, "model_version": WAITING_VERSION}
-        return {"results": [dict(empty) for _ in tasks], "model_version": WAITING_VERSION}
+        # A per-task [] stores nothing in Label Studio: no empty "waiting" prediction that would
+        # stay on the task forever.
+        return {"results": [[] for _ in tasks], "model_version": WAITING_VERSION}
     if project.label_config and state.label_config is None:
         # Background jobs read the config from the store (normally /setup put it there). Only
         # for a project with a reference: a /predict must not create a project that was never
         # set up.
         state = project.record_label_config()
     return predict_batch(project, tasks, schema, state)
+
+
+def why_no_reference(state: ProjectState) -> str:
+    """Why a project has no reference yet, in words for the log."""
+    if state.last_error:
+        return f"its training failed: {state.last_error}"
+    if state.training_requested_at is not None:
+        return "an annotation was received and the reference is being built"
+    return "submit one annotation with masks to start pre-labeling"
 
 
 def predict_batch(
@@ -72,7 +83,10 @@ def predict_batch(
     started = time.monotonic()
     version = state.model_version
     reference = runtime.reference(state.project_id, version, state.reference)
-    segmenter = runtime.segmenter()
+    try:
+        segmenter = runtime.segmenter()
+    except Exception as error:
+        raise ServiceUnavailable(runtime.model_problem or str(error)) from error
     if reference.model_id != segmenter.model_id:
         log.error(
             "project %s: its reference was built with other models (%s; now %s); "

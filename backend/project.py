@@ -18,7 +18,7 @@ from labelstudio.api import LabelStudioAPI
 from labelstudio.download import fetch_image_bytes
 from matcher_core.imageio import ImageError, load_image
 
-from .errors import BadRequest, store_failure
+from .errors import BadRequest, ServiceUnavailable, store_failure
 from .leases import resume_stalled_training
 from .store import ProjectState, StoreError
 
@@ -231,6 +231,11 @@ def set_up(
     state = project.update_state(change, reason="setup")
     resume_stalled_training(project.runtime, state)
     project.runtime.warm_up()
+    problems = blocking_problems(project, state)
+    if problems:
+        # Label Studio marks the model card "Error" with this text and stops asking for
+        # predictions until a /setup succeeds again (it calls /setup whenever it shows the card).
+        raise ServiceUnavailable("; ".join(problems))
     log.info(
         "project %s set up (%s; labels %s); model version %s",
         state.project_id,
@@ -239,3 +244,25 @@ def set_up(
         state.model_version,
     )
     return state.model_version
+
+
+MODEL_WAIT_S = 0.5
+"""How long ``/setup`` waits for a model load in progress (Label Studio gives it 3 s in all)."""
+
+
+def blocking_problems(project: ProjectContext, state: ProjectState) -> list[str]:
+    """What stops pre-labels of this project now, each with its fix: models that failed to load,
+    a Label Studio that refuses the token or cannot be reached (one cached call), no reference
+    because its training failed. Empty when pre-labels can flow."""
+    runtime = project.runtime
+    problems = []
+    runtime.wait_for_models(MODEL_WAIT_S)
+    if runtime.model_problem:
+        problems.append(runtime.model_problem)
+    hostname, token = project.connection(state)
+    connection = runtime.connections.problem(hostname, token)
+    if connection:
+        problems.append(connection)
+    if state.reference is None and state.last_error and not connection:
+        problems.append(f"no reference yet: its training failed: {state.last_error}")
+    return problems

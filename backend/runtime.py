@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from .health import ConnectionChecks, model_problem
 from .jobs import Jobs, make_jobs
 from .settings import Settings
 from .store import StateStore, make_store
@@ -48,6 +49,8 @@ class Runtime:
         self._references: OrderedDict[tuple[str, str], Reference] = OrderedDict()
         self._references_lock = threading.Lock()
         self.started_at = time.time()
+        self.connections = ConnectionChecks()
+        """Cached checks that Label Studio accepts the backend's token (see ``backend.health``)."""
         self.jobs = jobs if jobs is not None else make_jobs(self)
         self.metrics.add_gauge(
             "oneshot_model_loaded", "1 once SAM and the encoder are loaded.", self._loaded_value
@@ -78,6 +81,20 @@ class Runtime:
     def model_loaded(self) -> bool:
         return self._segmenter is not None
 
+    @property
+    def model_problem(self) -> str | None:
+        """Why the models are not loaded, with the fix, after a failed load; else ``None``."""
+        return None if self._segmenter is not None else model_problem(self._segmenter_error)
+
+    def wait_for_models(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a load in progress; whether the models are loaded."""
+        deadline = time.monotonic() + timeout_s
+        while self._segmenter is None and self._segmenter_lock.locked():
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        return self._segmenter is not None
+
     def segmenter(self) -> OneShotSegmenter:
         """The process's engine, loaded on first call (other callers wait for that load)."""
         if self._segmenter is not None:
@@ -98,8 +115,15 @@ class Runtime:
                 try:
                     self._segmenter = OneShotSegmenter(config)
                 except BaseException as error:
+                    repeated = repr(error) == repr(self._segmenter_error)
                     self._segmenter_error = error
-                    log.error("loading the models failed: %s", error)
+                    # Every use retries the load: the same failure is logged once, with the fix.
+                    log.log(
+                        logging.DEBUG if repeated else logging.ERROR,
+                        "%s",
+                        model_problem(error),
+                        exc_info=not repeated,
+                    )
                     raise
                 self._segmenter_error = None
                 log.info(

@@ -35,6 +35,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .errors import BackendError, BadRequest
+from .health import reason_phrase
 from .model import OneShotModel
 from .project import project_id_of
 from .runtime import Runtime, get_runtime
@@ -75,10 +76,25 @@ def configure_logging(settings: Settings, json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.ERROR, root.level))
 
 
-def _error(status: int, message: str) -> tuple[Response, int]:
-    return jsonify({"error": message, "status": status}), status
+NOISY_LOGGERS = ("label_studio_sdk._extensions.label_studio_tools.core.utils.io",)
+"""The SDK's downloader warns "`localhost` is not accessible inside of docker containers" and
+"Download failed for proxy URL" at every image, also when the download then works; a download
+that fails is logged by this backend, with the task."""
+
+
+def _error(status: int, message: str) -> tuple[Response, Any]:
+    """``{"error": message}`` with ``status``; for 503, the message is the HTTP reason phrase too:
+    Label Studio shows a failed ``/setup`` or ``/predict`` as ``str(HTTPError)``, which holds the
+    reason phrase and never the body (see ``backend.health``)."""
+    response = jsonify({"error": message, "status": status})
+    if status == 503:
+        response.status = f"503 {reason_phrase(message)}"
+        return response, response.status
+    return response, status
 
 
 def _credentials_match(settings: Settings) -> bool:
@@ -318,10 +334,16 @@ def _register_routes(app: Flask, runtime: Runtime) -> None:
 
     @app.get("/health")
     def health():
-        # No store or model access here: Label Studio gives /health 1 s, also mid-predict.
+        # No store access and no call out here: Label Studio gives /health 1 s, also
+        # mid-predict. Problems are answered with 200 all the same: Label Studio then calls
+        # /setup, whose 503 it shows on the model card; a failed /health only says
+        # "Disconnected", without a word of why.
+        errors = [runtime.model_problem] if runtime.model_problem else []
+        errors += runtime.connections.known_problems()
         return jsonify(
             {
-                "status": "UP",
+                "status": "ERROR" if errors else "UP",
+                "errors": errors,
                 "model_class": OneShotModel.__name__,
                 "model_loaded": runtime.model_loaded,
                 "random_weights": settings.random_weights,
@@ -381,13 +403,27 @@ def _register_routes(app: Flask, runtime: Runtime) -> None:
         project = request.args.get("project") or body.get("project")
         project_id = project_id_of(project) if project is not None else None
         history = runtime.store.versions(project_id)
+        if project_id is None:
+            # Label Studio 1.23 sends no project on this GET: one list would mix the versions of
+            # every project, so each project's are listed apart.
+            by_project: dict[str, list[str]] = {}
+            for entry in history:
+                names = by_project.setdefault(str(entry["project_id"]), [])
+                if entry["model_version"] not in names:
+                    names.append(entry["model_version"])
+            return jsonify(
+                {"versions": [], "by_project": by_project, "hint": "/versions?project=<id>"}
+            )
         names = list(dict.fromkeys(entry["model_version"] for entry in history))
-        answer: dict[str, Any] = {"versions": names, "history": history}
-        if project_id is not None:
-            state = runtime.store.load(project_id)
-            answer["current"] = state.model_version
-            answer["last_error"] = state.last_error
-        return jsonify(answer)
+        state = runtime.store.load(project_id)
+        return jsonify(
+            {
+                "versions": names,
+                "history": history,
+                "current": state.model_version,
+                "last_error": state.last_error,
+            }
+        )
 
     @app.get("/metrics")
     def prometheus_metrics():

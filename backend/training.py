@@ -10,9 +10,11 @@ the model version is a hash of the state it decides predictions with.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from labelstudio import LabelingSchema, annotation_to_masks
 from matcher_core import Example, Reference
@@ -30,6 +32,7 @@ from .store import (
     StoreUnavailable,
     example_key,
 )
+from .superseded import remove_superseded
 
 log = logging.getLogger("oneshot.model")
 
@@ -72,12 +75,55 @@ class TrainingExample:
 LearnHook = Callable[[ProjectState, Reference, list[TrainingExample]], "Reference | None"]
 
 
+VOLATILE_FIGURES = ("seconds",)
+"""Keys of the learned summary that measure a run rather than describe what was learned (wall-clock
+time): left out of the version, so the same data always gives the same version."""
+
+VERSION_PATTERN = re.compile(r"^(?P<prefix>(?:rnd-)?)g(?P<generation>\d+)-(?P<digest>[0-9a-f]+)$")
+VERSION_DIGEST_CHARS = 6
+"""Hex digits of the content hash in a served version: Label Studio 1.23's prediction tabs
+show a version of up to 15 characters whole and cut longer ones to ``first 8...last 6``, so
+``rnd-g12-5a7baf`` (random weights, generation 12) is read at a glance there."""
+
+
+def stable_figures(learned: Any) -> Any:
+    """``learned`` without its wall-clock figures (``*seconds`` keys, at any depth)."""
+    if isinstance(learned, dict):
+        return {
+            key: stable_figures(value)
+            for key, value in learned.items()
+            if not (isinstance(key, str) and key.endswith(VOLATILE_FIGURES))
+        }
+    if isinstance(learned, list):
+        return [stable_figures(value) for value in learned]
+    return learned
+
+
 def model_version_of(reference: Reference | None, learned: dict, mode: str) -> str:
-    """The project's model version: :func:`matcher_core.learning.model_version` of the reference
-    with the learned summary and the engine mode; ``oneshot-waiting`` without a reference."""
+    """The content hash of what is served: :func:`matcher_core.learning.model_version` of the
+    reference with the learned summary (timings left out) and the engine mode;
+    ``oneshot-waiting`` without a reference."""
     if reference is None:
         return WAITING_VERSION
-    return model_version(reference, context={"mode": mode, "learned": learned})
+    return model_version(reference, context={"mode": mode, "learned": stable_figures(learned)})
+
+
+def served_version(previous: str, content_version: str) -> str:
+    """The version shown in Label Studio for ``content_version`` (a content hash), after
+    ``previous``: ``g<generation>-<6 hex>``, with ``rnd-`` first for random test weights.
+
+    The generation counts the learned states a project has served (1 for the first reference);
+    it grows only when the content hash changes, so an unchanged retraining keeps ``previous``.
+    """
+    if content_version == WAITING_VERSION:
+        return WAITING_VERSION
+    digest = content_version.rsplit("-", 1)[-1][:VERSION_DIGEST_CHARS]
+    prefix = "rnd-" if content_version.startswith("oneshot-random-") else ""
+    match = VERSION_PATTERN.match(previous)
+    if match and match["digest"] == digest and match["prefix"] == prefix:
+        return previous
+    generation = int(match["generation"]) + 1 if match else 1
+    return f"{prefix}g{generation}-{digest}"
 
 
 def example_order(item: tuple[str, dict]) -> tuple:
@@ -207,7 +253,10 @@ def train(
         return project.store.update(project_id, served, reason="nothing to learn", fence=fence)
     if run.reference is not None and custom_hook:
         cap_shots(project, run.reference)
-    return _commit(project, run, unlearned, fence, started, requested)
+    new_state = _commit(project, run, unlearned, fence, started, requested)
+    if new_state.model_version != state.model_version and all(project.connection(new_state)):
+        remove_superseded(project, new_state)
+    return new_state
 
 
 class _TrainingRun:
@@ -314,7 +363,8 @@ def _commit(
 ) -> ProjectState:
     """Write the run's reference, learned state and version (fenced by the lease) and log it."""
     project_id, state, reference = run.project_id, run.state, run.reference
-    version = model_version_of(reference, state.learned, project.settings.mode)
+    content = model_version_of(reference, state.learned, project.settings.mode)
+    version = served_version(state.model_version, content)
     blob = reference.to_bytes() if reference is not None else None
     source_info = None
     if run.source is not None:
@@ -347,17 +397,20 @@ def _commit(
     seconds = time.perf_counter() - started
     project.metrics.trainings.inc("ok")
     project.metrics.training_seconds.observe(seconds)
+    # One line per training, with true numbers: an annotation that could not be loaded this
+    # time (e.g. its download got HTTP 401) is counted as not learned, not as learned.
+    not_learned = sorted(unlearned)
     log.info(
-        "project %s: %s from %d annotation(s) (%d learned, %d unusable) in %.1f s; "
-        "model version %s -> %s",
+        "project %s: %s from %d annotation(s): %d learned, %d not learned%s in %.1f s; "
+        "model version %s",
         project_id,
         reason,
         len(run.examples),
-        len(applied),
-        len(run.failures),
+        len([key for key in applied if key not in unlearned]),
+        len(not_learned),
+        f" ({', '.join(not_learned[:5])}: retried later)" if not_learned else "",
         seconds,
-        state.model_version,
-        version,
+        version if version == state.model_version else f"{state.model_version} -> {version}",
     )
     return new_state
 

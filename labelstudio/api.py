@@ -120,6 +120,8 @@ class LabelStudioAPI:
                 f"{method} {path} answered {response.status_code}: {response.text[:300]}",
                 status=response.status_code,
             )
+        if response.status_code == 204 or not response.content:
+            return None  # e.g. a DELETE
         try:
             return response.json()
         except ValueError as error:
@@ -135,6 +137,34 @@ class LabelStudioAPI:
         if not isinstance(tasks, list):
             raise LabelStudioAPIError("the project export is not a list of tasks")
         return tasks
+
+    def whoami(self) -> dict:
+        """The token's user (``GET /api/current-user/whoami``): the cheapest call that proves
+        Label Studio accepts the token."""
+        return self._send("GET", "/api/current-user/whoami")
+
+    def project_predictions(self, project_id: str) -> list[dict]:
+        """Every prediction of a project (``GET /api/predictions/?project=<id>``)."""
+        answer = self._send("GET", "/api/predictions/", params={"project": project_id})
+        if isinstance(answer, dict):  # a paginated answer
+            answer = answer.get("results")
+        if not isinstance(answer, list):
+            raise LabelStudioAPIError("the prediction list is not a list")
+        return [p for p in answer if isinstance(p, dict)]
+
+    def task_annotations(self, task_id: int) -> list[dict]:
+        """A task's annotations (``GET /api/tasks/<id>/annotations/``; unlike ``GET
+        /api/tasks/<id>/`` it never makes Label Studio ask the backend for a prediction)."""
+        answer = self._send("GET", f"/api/tasks/{task_id}/annotations/")
+        return answer if isinstance(answer, list) else []
+
+    def delete_prediction(self, prediction_id: int) -> None:
+        """``DELETE /api/predictions/<id>/`` (one already gone counts as deleted)."""
+        try:
+            self._send("DELETE", f"/api/predictions/{prediction_id}/")
+        except LabelStudioAPIError as error:
+            if error.status != 404:
+                raise
 
     def task(self, task_id: int) -> dict:
         return self._send("GET", f"/api/tasks/{task_id}/")

@@ -78,15 +78,50 @@ def config_from_args(args: argparse.Namespace) -> SegmenterConfig:
     return config.with_preset(args.preset) if args.preset else config
 
 
-def _image_paths(items: list[str]) -> list[Path]:
+def _folder_images(folder: Path) -> list[Path]:
+    """The images of a folder, without the masks kept beside them: of files sharing a stem
+    (``00000.jpg`` and its mask ``00000.png``), only the non-PNG one is an image."""
+    files = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    stems_of_photos = {p.stem for p in files if p.suffix.lower() != ".png"}
+    images = [p for p in files if not (p.suffix.lower() == ".png" and p.stem in stems_of_photos)]
+    if len(images) < len(files):
+        logging.info(
+            "%s: %d PNG file(s) beside an image of the same name taken as masks and skipped",
+            folder,
+            len(files) - len(images),
+        )
+    return images
+
+
+def _image_paths(items: list[str], exclude: tuple[str, ...] = ()) -> list[Path]:
+    """Image files named on the command line, and the images of named folders (see
+    :func:`_folder_images`), without the ``exclude`` files (the reference mask)."""
+    excluded = {Path(item).resolve() for item in exclude}
     paths: list[Path] = []
     for item in items:
         path = Path(item)
-        if path.is_dir():
-            paths.extend(p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths.extend(_folder_images(path) if path.is_dir() else [path])
+    return [path for path in paths if path.resolve() not in excluded]
+
+
+def output_stems(paths: list[Path]) -> dict[Path, str]:
+    """A distinct output name stem per input: the file's stem, or ``<stem>_<suffix>`` (and the
+    parent folder's name too) where stems would collide, so no output overwrites another."""
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
+    for path in paths:
+        for candidate in (
+            path.stem,
+            f"{path.stem}_{path.suffix.lstrip('.')}",
+            f"{path.parent.name}_{path.stem}_{path.suffix.lstrip('.')}",
+        ):
+            if candidate not in taken:
+                break
         else:
-            paths.append(path)
-    return paths
+            candidate = f"{path.stem}_{len(taken)}"
+        taken.add(candidate)
+        names[path] = candidate
+    return names
 
 
 def reference_example(image_path: str, mask_path: str, labels: list[str] | None):
@@ -107,16 +142,21 @@ def reference_example(image_path: str, mask_path: str, labels: list[str] | None)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    from .learning import model_version
     from .segmenter import OneShotSegmenter
 
     config = config_from_args(args)
     example = reference_example(args.ref_image, args.ref_mask, args.labels)
     segmenter = OneShotSegmenter(config)
     reference = segmenter.build_reference([example])
+    version = model_version(reference, context={"mode": config.mode})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    paths = _image_paths(args.images, exclude=(args.ref_mask,))
+    stems = output_stems(paths)
+    tasks: list[dict] = []
     failures = 0
-    for path in _image_paths(args.images):
+    for path in paths:
         try:
             image = load_image(path, config.max_image_pixels)
         except (ImageError, OSError) as error:
@@ -124,15 +164,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
             failures += 1
             continue
         instances = segmenter.segment(reference, image)
+        stem = stems[path]
         summary = {
             "image": str(path),
             "width": image.shape[1],
             "height": image.shape[0],
             "random_weights": config.random_weights,
+            "model_version": version,
             "instances": [],
         }
         for k, instance in enumerate(instances):
-            name = f"{path.stem}_{instance.label}_{k}.png"
+            name = f"{stem}_{instance.label}_{k}.png"
             Image.fromarray(instance.mask.astype(np.uint8) * 255).save(out / name)
             summary["instances"].append(
                 {
@@ -142,25 +184,47 @@ def cmd_segment(args: argparse.Namespace) -> int:
                     "mask": name,
                 }
             )
-        (out / f"{path.stem}.json").write_text(json.dumps(summary, indent=2))
+        (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
         if args.label_studio_json:
-            # The CLI program (not the library) offers Label Studio's format as an option; the
-            # one engine module allowed to import upward (see the import-linter contract).
-            from labelstudio import instances_to_results, label_config_xml, parse_label_config
-
-            tag = {"brush": "BrushLabels", "polygon": "PolygonLabels"}[args.label_studio_json]
-            schema = parse_label_config(label_config_xml([(tag, "label", list(example.masks))]))
-            results = instances_to_results(instances, schema, image.shape[:2])
-            (out / f"{path.stem}.labelstudio.json").write_text(
-                json.dumps(
-                    {"data": {"image": str(path)}, "predictions": [{"result": results}]}, indent=2
-                )
-            )
+            task = label_studio_task(args, path, instances, list(example.masks), image, version)
+            (out / f"{stem}.labelstudio.json").write_text(json.dumps(task, indent=2))
+            tasks.append(task)
         print(
             f"{path}: {len(instances)} instance(s)"
             + "".join(f" {i.label}={i.score:.2f}" for i in instances)
         )
+    if tasks:
+        # One file to import: Label Studio takes a list of tasks with their predictions.
+        (out / "labelstudio_tasks.json").write_text(json.dumps(tasks, indent=2))
+        if not args.image_url:
+            logging.warning(
+                "Label Studio cannot show local paths: pass --image-url PREFIX (e.g. "
+                "/data/local-files/?d=images/ or https://host/images/) to name the images as "
+                "Label Studio reaches them"
+            )
     return 1 if failures else 0
+
+
+def label_studio_task(
+    args: argparse.Namespace,
+    path: Path,
+    instances: list,
+    labels: list[str],
+    image: np.ndarray,
+    version: str,
+) -> dict:
+    """A Label Studio task for ``path`` with its prediction (results, score, model version),
+    importable as is when ``--image-url`` says where Label Studio finds the image."""
+    # The CLI program (not the library) offers Label Studio's format as an option; the one
+    # engine module allowed to import upward (see the import-linter contract).
+    from labelstudio import instances_to_results, label_config_xml, parse_label_config, task_score
+
+    tag = {"brush": "BrushLabels", "polygon": "PolygonLabels"}[args.label_studio_json]
+    schema = parse_label_config(label_config_xml([(tag, "label", labels)]))
+    results = instances_to_results(instances, schema, image.shape[:2], version)
+    url = f"{args.image_url}{path.name}" if args.image_url else str(path)
+    prediction = {"model_version": version, "score": task_score(instances), "result": results}
+    return {"data": {"image": url}, "predictions": [prediction]}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -212,7 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     segment.add_argument(
         "--label-studio-json",
         metavar="CONTROL",
-        help="also write Label Studio predictions: 'brush' or 'polygon'",
+        choices=["brush", "polygon"],
+        help="also write Label Studio tasks with predictions (one per image, and all of them "
+        "in labelstudio_tasks.json): 'brush' or 'polygon'",
+    )
+    segment.add_argument(
+        "--image-url",
+        metavar="PREFIX",
+        help="with --label-studio-json: each task's image is PREFIX + file name, as Label Studio "
+        "reaches it (e.g. /data/local-files/?d=images/); default the local path",
     )
     segment.add_argument("images", nargs="+", help="image files or folders")
     _add_model_arguments(segment)
@@ -244,6 +316,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def segment_main() -> int:
+    """``oneshot-segment ...``: the same as ``python -m matcher_core segment ...``."""
+    return main(["segment", *sys.argv[1:]])
+
+
+def evaluate_main() -> int:
+    """``oneshot-evaluate ...``: the same as ``python -m matcher_core evaluate ...``."""
+    return main(["evaluate", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ class LearningReport:
     """Corrections used (after merging those of the same task)."""
     labels: dict[str, dict] = field(default_factory=dict)
     """Per label: ``shots`` (kept), ``base_shots``, ``negatives`` (feature rows),
-    ``deleted_predictions``, ``threshold`` (tuned or ``None``), ``calibration`` (kept / not-kept
+    ``unmatched_predictions`` (regions the model predicts on the corrected images that no annotated
+    mask overlaps, each taken as a deletion: counted by re-predicting, so not the number of regions
+    the annotator removed), ``threshold`` (tuned or ``None``), ``calibration`` (kept / not-kept
     counts), and with PerSAM-F ``loss_before``, ``loss_after``, ``weights_seconds``."""
     seconds: float = 0.0
     version: str = ""
@@ -384,7 +386,7 @@ def learn(
             "shots": len(shots),
             "base_shots": len(base_shots),
             "negatives": 0 if negatives is None else len(negatives),
-            "deleted_predictions": len(regions[label]),
+            "unmatched_predictions": len(regions[label]),
         }
 
     # 4. PerSAM-F mask weights on every corrected example.

@@ -109,6 +109,9 @@ trap stop EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# ff_front_dev_1682_...: the Data Manager's prediction score column then averages the predictions
+# of the version the backend serves (without it, only those whose version equals the backend's
+# *title*, i.e. none: README step 5 "sort by score" would show an empty column).
 # Label Studio also reads the generic HOST, PORT, USERNAME, PASSWORD and USER_TOKEN; a value left in
 # the caller's environment would silently override the settings below.
 env -u HOST -u PORT -u USERNAME -u PASSWORD -u USER_TOKEN \
@@ -127,6 +130,7 @@ env -u HOST -u PORT -u USERNAME -u PASSWORD -u USER_TOKEN \
     LATEST_VERSION_CHECK=false \
     COLLECT_ANALYTICS=false \
     fflag_feat_utc_210_prediction_validation_15082025=true \
+    ff_front_dev_1682_model_version_dropdown_070622_short=true \
     "$venv/bin/label-studio" start --no-browser --internal-host 127.0.0.1 -p "$port" \
     --username "$username" --password "$password" --user-token "$token" \
     --enable-legacy-api-token &

@@ -10,4 +10,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+# The project itself, editable: `python -m matcher_core` and `oneshot-segment` from any folder.
+.venv/bin/python -m pip install --quiet --no-deps -e .
 echo "ready: .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -8,10 +8,12 @@ to files under pytest's temporary directory; a failing test prints the tails of 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -67,15 +69,16 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
         stop_process_group(process)
 
 
-@pytest.fixture(scope="module")
-def backend(
-    label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def running_backend(
+    label_studio: LabelStudio, work: Path, wait_healthy: bool = True, **extra_env: str
 ) -> Iterator[Backend]:
-    """The backend's development server with the small random-weight models on a free port."""
+    """The backend's development server with the small random-weight models on a free port,
+    its log and model folder under ``work``; ``extra_env`` overrides its settings (a wrong token,
+    models that cannot load)."""
     entry_point = REPO_ROOT / "_wsgi.py"
     if not entry_point.exists():
         pytest.fail(f"the backend entry point {entry_point} does not exist")
-    work = tmp_path_factory.mktemp("backend")
     log = work / "backend.log"
     model_dir = work / "model_dir"
     model_dir.mkdir()
@@ -97,6 +100,7 @@ def backend(
         MKL_NUM_THREADS=env.get("MKL_NUM_THREADS", "1"),
         PYTHONUNBUFFERED="1",
     )
+    env.update(extra_env)
     with log.open("wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, str(entry_point), "--host", "127.0.0.1", "--port", str(port)],
@@ -113,14 +117,24 @@ def backend(
             if process.poll() is not None:
                 pytest.fail(f"the backend exited with {process.returncode}:\n{tail(log)}")
             try:
-                return requests.get(url + "/health", timeout=1).status_code == 200
+                answer = requests.get(url + "/health", timeout=1)
             except requests.RequestException:
                 return False
+            return answer.status_code == 200 and (not wait_healthy or answer.json()["model_loaded"])
 
         wait_until(healthy, BACKEND_START_TIMEOUT_S, 0.5, "the backend's /health", log)
         yield Backend(url=url, log=log, model_dir=model_dir)
     finally:
         stop_process_group(process)
+
+
+@pytest.fixture(scope="module")
+def backend(
+    label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Backend]:
+    """The backend with the small random-weight models, connected to the test Label Studio."""
+    with running_backend(label_studio, tmp_path_factory.mktemp("backend")) as started:
+        yield started
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -289,6 +290,19 @@ def project(label_studio: LabelStudio, backend: Backend) -> Iterator[Project]:
     yield Project(id=project_id, ml_backend_id=connected["id"], mask_by_task=mask_by_task)
 
 
+def test_a_task_opened_before_the_reference_stores_no_prediction(
+    label_studio: LabelStudio, backend: Backend, project: Project
+) -> None:
+    """Opening a task, or "Retrieve Predictions", before any annotation stores nothing: no empty
+    "waiting" prediction that would stay on the task (Label Studio asks again once the backend
+    has a reference)."""
+    label_studio.get(f"/api/tasks/{next(iter(project.mask_by_task))}/")  # opening the task
+    retrieve_predictions(label_studio, project)
+
+    assert stored_predictions(label_studio, project) == []
+    assert backend_model_version(label_studio, project) == "oneshot-waiting"
+
+
 def test_one_annotation_prelabels_the_other_tasks(
     label_studio: LabelStudio, backend: Backend, project: Project
 ) -> None:
@@ -306,8 +320,27 @@ def test_one_annotation_prelabels_the_other_tasks(
     version = wait_for_new_model_version(
         label_studio, project, version_without_reference, PREDICTION_TIMEOUT_S
     )
+    # Short enough for Label Studio's version tabs, the random marker and generation first.
+    assert re.fullmatch(r"rnd-g1-[0-9a-f]{6}", version), version
     predictions = wait_for_predictions_of(label_studio, project, version)
     assert_prelabels_of_unlabeled_tasks(project, predictions)
+
+
+def test_the_data_manager_score_column_shows_each_prediction_s_score(
+    label_studio: LabelStudio, backend: Backend, project: Project
+) -> None:
+    """README step 5, sorting by score: the Data Manager reads ``predictions_score`` of its task
+    list, which Label Studio 1.23 fills only for predictions of the backend's version with the
+    feature flag ``scripts/label_studio.sh`` sets."""
+    version = settled_model_version(label_studio, project)
+    predictions = wait_for_predictions_of(label_studio, project, version)
+    listed = label_studio.get(
+        "/api/tasks", params={"project": project.id, "fields": "all", "page_size": 100}
+    )["tasks"]
+
+    scores = {task["id"]: task["predictions_score"] for task in listed}
+    for task_id in project.unlabeled_task_ids:
+        assert scores[task_id] == pytest.approx(predictions[task_id]["score"]), scores
 
 
 def test_repeated_retrieval_stores_no_duplicates(
@@ -380,3 +413,56 @@ def test_training_refreshes_prelabels_with_a_new_version(
     )
     predictions = wait_for_predictions_of(label_studio, project, version_after)
     assert_prelabels_of_unlabeled_tasks(project, predictions)
+
+
+def test_after_a_retraining_each_unlabeled_task_has_one_prediction(
+    label_studio: LabelStudio, backend: Backend, project: Project
+) -> None:
+    """The new version replaces the older ones on tasks nobody labeled (one tab per task), while
+    the labeled tasks keep theirs (an annotation may point to one as its parent)."""
+    version = settled_model_version(label_studio, project)
+    wait_for_predictions_of(label_studio, project, version)
+
+    per_task = collections.Counter(p["task"] for p in stored_predictions(label_studio, project))
+    assert {task: per_task[task] for task in project.unlabeled_task_ids} == dict.fromkeys(
+        project.unlabeled_task_ids, 1
+    )
+    assert all(per_task[task] >= 1 for task in project.annotated_task_ids)
+
+
+def test_start_training_on_unchanged_data_keeps_the_version(
+    label_studio: LabelStudio, backend: Backend, project: Project
+) -> None:
+    """Two "Start Training" clicks with no new annotation: one version (nothing re-predicted)."""
+    version = settled_model_version(label_studio, project)
+    before = stored_predictions(label_studio, project)
+    trained_before = trainings_done(backend)
+
+    for _ in range(2):
+        label_studio.post(f"/api/ml/{project.ml_backend_id}/train")
+        wait_until_count(lambda: trainings_done(backend), trained_before + 1, TRAINING_TIMEOUT_S)
+        trained_before = trainings_done(backend)
+    retrieve_predictions(label_studio, project)
+
+    assert settled_model_version(label_studio, project) == version
+    assert sorted(p["id"] for p in stored_predictions(label_studio, project)) == sorted(
+        p["id"] for p in before
+    )
+
+
+def trainings_done(backend: Backend) -> float:
+    """Trainings the backend finished (learned something or found nothing new)."""
+    text = requests.get(backend.url + "/metrics", timeout=5).text
+    return sum(
+        prometheus_value(text, "oneshot_trainings_total", {"outcome": outcome})
+        for outcome in ("ok", "skipped")
+    )
+
+
+def wait_until_count(count, wanted: float, timeout_s: float) -> None:
+    """Poll ``count()`` until it reaches ``wanted``."""
+    deadline = time.monotonic() + timeout_s
+    while count() < wanted:
+        if time.monotonic() > deadline:
+            pytest.fail(f"count stayed {count()} < {wanted} for {timeout_s:.0f} s")
+        time.sleep(1.0)

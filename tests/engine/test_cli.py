@@ -62,6 +62,71 @@ def test_segment_writes_masks_and_summaries_at_original_size(tmp_path):
             assert (result["original_width"], result["original_height"]) == (width, height)
 
 
+def test_a_folder_with_masks_beside_its_images_segments_the_images_only(tmp_path):
+    """``00000.jpg`` with its mask ``00000.png`` in one folder: only the JPEG is segmented, and
+    an image whose name differs only by suffix (``c.png`` beside ``c.webp``...) never
+    overwrites another's output."""
+    folder = tmp_path / "in"
+    write_pair(folder, "ref", 0)
+    write_pair(folder, "a", 1)
+    write_pair(folder, "b", 2)
+    out = tmp_path / "out"
+    args = [
+        "segment",
+        "--ref-image",
+        str(folder / "ref.jpg"),
+        "--ref-mask",
+        str(folder / "ref.png"),
+    ]
+    code = main([*args, "--out", str(out), str(folder), *smoke_args(tmp_path)])
+
+    assert code == 0
+    assert sorted(p.name for p in out.glob("*.json")) == ["a.json", "b.json", "ref.json"]
+    assert json.loads((out / "a.json").read_text())["image"].endswith("a.jpg")
+
+
+def test_distinct_outputs_for_images_that_share_a_stem(tmp_path):
+    from matcher_core.__main__ import output_stems
+
+    paths = [Path("x/00000.jpg"), Path("x/00000.png"), Path("y/00000.jpg")]
+    stems = output_stems(paths)
+
+    assert len(set(stems.values())) == 3
+    assert stems[paths[0]] == "00000"
+
+
+def test_label_studio_json_is_importable_as_is(tmp_path):
+    """Tasks name the image as Label Studio reaches it (``--image-url``), and each prediction
+    carries a model version and a score (for sorting in the Data Manager)."""
+    write_pair(tmp_path / "in", "ref", 0)
+    write_pair(tmp_path / "in", "a", 1)
+    out = tmp_path / "out"
+    code = main(
+        [
+            "segment",
+            "--ref-image",
+            str(tmp_path / "in/ref.jpg"),
+            "--ref-mask",
+            str(tmp_path / "in/ref.png"),
+            "--out",
+            str(out),
+            "--label-studio-json",
+            "brush",
+            "--image-url",
+            "/data/local-files/?d=in/",
+            str(tmp_path / "in/a.jpg"),
+            *smoke_args(tmp_path),
+        ]
+    )
+
+    assert code == 0
+    tasks = json.loads((out / "labelstudio_tasks.json").read_text())
+    assert [task["data"]["image"] for task in tasks] == ["/data/local-files/?d=in/a.jpg"]
+    prediction = tasks[0]["predictions"][0]
+    assert prediction["model_version"].startswith("oneshot-random-")
+    assert 0.0 <= prediction["score"] <= 1.0
+
+
 def test_indexed_reference_masks_give_one_label_per_index(tmp_path):
     from matcher_core.__main__ import reference_example
 

@@ -163,7 +163,7 @@ def test_a_deleted_look_alike_becomes_negative_evidence_and_is_no_longer_predict
 
     learned, report = learn(segmenter, reference, [correction], train_weights=False)
     thing = learned.labels["thing"]
-    assert report.labels["thing"]["deleted_predictions"] == 1
+    assert report.labels["thing"]["unmatched_predictions"] == 1
     assert thing.negatives is not None and len(thing.negatives) > 0
     # The negatives are the look-alike's cells, never the annotated object's.
     negatives = thing.negatives.astype(np.float32)

@@ -36,7 +36,10 @@ def make_jwt(token_type: str, lifetime_s: float = 300) -> str:
 
 
 PERSONAL_TOKEN = make_jwt("refresh", 3600)
-ACCESS_TOKEN = make_jwt("access", 300)
+# Minted at import: a lifetime of a day, not Label Studio's 5 minutes, so a slow run reaching
+# these tests minutes after collection still finds it valid (the cache keeps it only until
+# 30 s before its expiry).
+ACCESS_TOKEN = make_jwt("access", 24 * 3600)
 
 
 def png_bytes(height: int = 6, width: int = 9) -> bytes:

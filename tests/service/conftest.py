@@ -50,6 +50,12 @@ def fake_ls():
         state.downloads += 1
         return data, 200, {"Content-Type": "image/png"}
 
+    @app.get("/api/current-user/whoami")
+    def whoami():
+        if not authorized():
+            return jsonify({"detail": "Authentication credentials were not provided."}), 401
+        return jsonify({"id": 1, "email": "admin@example.com"})
+
     @app.get("/status/<int:code>")
     def status(code):
         return jsonify({"detail": "status"}), code
@@ -76,9 +82,22 @@ def fake_ls():
             [
                 {"id": index + 1, **p}
                 for index, p in enumerate(state.posted)
-                if task_id is None or p.get("task") == task_id
+                if (task_id is None or p.get("task") == task_id) and index + 1 not in state.deleted
             ]
         )
+
+    @app.delete("/api/predictions/<int:prediction_id>/")
+    def delete_prediction(prediction_id):
+        if not authorized():
+            return jsonify({"detail": "no auth"}), 401
+        state.deleted.append(prediction_id)
+        return "", 204
+
+    @app.get("/api/tasks/<int:task_id>/annotations/")
+    def task_annotations(task_id):
+        if not authorized():
+            return jsonify({"detail": "no auth"}), 401
+        return jsonify(state.annotations.get(task_id, []))
 
     server, thread, port = _serve(app)
     state.url = f"http://127.0.0.1:{port}"

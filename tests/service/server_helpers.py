@@ -118,6 +118,10 @@ class FakeLabelStudio:
     """project id -> tasks with annotations (what ``/api/projects/<id>/export`` returns)."""
     posted: list[dict] = field(default_factory=list)
     downloads: int = 0
+    annotations: dict[int, list[dict]] = field(default_factory=dict)
+    """task id -> its annotations (``/api/tasks/<id>/annotations/``)."""
+    deleted: list[int] = field(default_factory=list)
+    """Ids (1-based positions in ``posted``) of predictions deleted through the API."""
 
     def add_image(self, project: int, name: str, data: bytes) -> str:
         path = f"/data/upload/{project}/{name}"

@@ -29,8 +29,16 @@ from werkzeug.serving import make_server
 from backend.leases import train_lock_name
 from backend.runtime import Runtime
 from backend.server import create_app
-from backend.store import LockLost, ProjectState, RedisStore, SQLiteStore, StoreError
+from backend.store import (
+    WAITING_VERSION,
+    LockLost,
+    ProjectState,
+    RedisStore,
+    SQLiteStore,
+    StoreError,
+)
 from backend.telemetry import Metrics
+from backend.training import served_version
 from labelstudio.api import LabelStudioAPI, LabelStudioAPIError
 from matcher_core import Example
 from model import OneShotModel, model_version_of
@@ -74,10 +82,19 @@ def event_for(url: str, box, action: str = "ANNOTATION_CREATED", annotation_id: 
 
 
 def expected_version(segmenter, box, mode: str = "matcher") -> str:
-    """The model version a training must reach from the reference image annotated with
-    ``box`` (the same arrays the backend computes, so the same hash)."""
+    """The content part of the model version a training must reach from the reference image
+    annotated with ``box`` (the same arrays the backend computes, so the same hash)."""
     example = Example(image=scene(0), masks={"Cat": [square_mask(box=box)]})
-    return model_version_of(segmenter.build_reference([example]), {}, mode)
+    return content_of(
+        served_version(
+            WAITING_VERSION, model_version_of(segmenter.build_reference([example]), {}, mode)
+        )
+    )
+
+
+def content_of(version: str) -> str:
+    """A served version without its generation (``rnd-g2-5a7baf`` -> ``5a7baf``)."""
+    return version.rsplit("-", 1)[-1]
 
 
 def wait_until(condition, timeout: float = 30.0, step: float = 0.05) -> None:
@@ -157,7 +174,7 @@ def test_a_worker_killed_mid_training_keeps_the_last_version_and_the_training_re
     assert client.post("/webhook", json=event_for(url, FIRST_BOX)).status_code == 200
     assert runtime.jobs.wait_idle(60)
     before = runtime.store.load(str(PROJECT))
-    assert before.model_version == expected_version(segmenter, FIRST_BOX)
+    assert before.model_version.rsplit("-", 1)[-1] == expected_version(segmenter, FIRST_BOX)
 
     started = tmp_path / "training-started"
     worker = multiprocessing.get_context("fork").Process(
@@ -198,7 +215,7 @@ def test_a_worker_killed_mid_training_keeps_the_last_version_and_the_training_re
     assert answer.status_code == 200
     assert runtime.jobs.wait_idle(60)
     rerun = runtime.store.load(str(PROJECT))
-    assert rerun.model_version == expected_version(segmenter, UPDATED_BOX)
+    assert rerun.model_version.rsplit("-", 1)[-1] == expected_version(segmenter, UPDATED_BOX)
     assert rerun.training_requested_at is None
     assert rerun.last_error is None
     assert [v["model_version"] for v in runtime.store.versions(str(PROJECT))] == [
@@ -223,7 +240,7 @@ def test_an_annotation_updated_while_its_training_runs_is_learned_again(
     assert runtime.jobs.wait_idle(60)
 
     state = runtime.store.load(str(PROJECT))
-    assert state.model_version == expected_version(segmenter, UPDATED_BOX)
+    assert state.model_version.rsplit("-", 1)[-1] == expected_version(segmenter, UPDATED_BOX)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -298,7 +315,7 @@ def test_redis_dying_during_a_training_loses_nothing_and_the_training_resumes(
     wait_for_stale_request(runtime)
     assert client.post("/setup", json=setup_body(fake_ls.url)).status_code == 200
     assert runtime.jobs.wait_idle(60)
-    assert runtime.store.load(str(PROJECT)).model_version == expected_version(
+    assert runtime.store.load(str(PROJECT)).model_version.rsplit("-", 1)[-1] == expected_version(
         segmenter, UPDATED_BOX
     )
 
@@ -613,7 +630,7 @@ def test_two_backends_on_one_redis_train_one_at_a_time_and_serve_one_version(
             client.post("/setup", json=setup_body(fake_ls.url)).json["model_version"]
             for _, client in backends
         }
-        assert versions == {wanted}
+        assert {content_of(v) for v in versions} == {wanted}
     finally:
         for runtime, _ in backends:
             runtime.close()

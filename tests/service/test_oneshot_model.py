@@ -13,6 +13,7 @@ from backend.runtime import Runtime
 from backend.settings import CPU_DEFAULTS, GPU_DEFAULTS, Settings, SettingsError
 from backend.store import WAITING_VERSION, RedisStore
 from backend.telemetry import Metrics
+from backend.training import served_version
 from labelstudio.auth import jwt_token_type
 from matcher_core import Reference
 from model import BadRequest, OneShotModel, model_version_of, project_id_of
@@ -154,6 +155,25 @@ def test_the_model_version_is_a_stable_function_of_the_learned_state(segmenter):
     assert model_version_of(reference, {"thresholds": {"Cat": 0.4}}, "matcher") != version
     reference.labels["Cat"].score_threshold = 0.3
     assert model_version_of(reference, {}, "matcher") != version
+    # Wall-clock figures of a training are not what was learned: they change nothing.
+    timed = {"labels": {"Cat": {"shots": 1, "weights_seconds": 1.5}}}
+    retimed = {"labels": {"Cat": {"shots": 1, "weights_seconds": 9.0}}}
+    assert model_version_of(reference, timed, "matcher") == model_version_of(
+        reference, retimed, "matcher"
+    )
+
+
+def test_served_versions_count_generations_and_keep_unchanged_content():
+    """What Label Studio shows: ``g<n>-<6 hex>`` (``rnd-`` first for random weights), whole in
+    its prediction tabs (at most 15 characters), a new generation only when the learned content
+    changes."""
+    first = served_version(WAITING_VERSION, "oneshot-random-5a7baf1c2d3e")
+    assert first == "rnd-g1-5a7baf"
+    assert served_version(first, "oneshot-random-5a7baf1c2d3e") == first  # unchanged data
+    assert served_version(first, "oneshot-random-0123456789ab") == "rnd-g2-012345"
+    assert served_version("g7-5a7baf", "oneshot-ffffffffffff") == "g8-ffffff"
+    assert served_version("g7-5a7baf", WAITING_VERSION) == WAITING_VERSION
+    assert len(served_version("rnd-g998-5a7baf", "oneshot-random-0123456789ab")) <= 15
 
 
 # ---------------------------------------------------------------------------------------------

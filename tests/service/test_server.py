@@ -127,7 +127,9 @@ def test_basic_auth_guards_every_route_but_health(make_runtime, method, path):
     assert send(path, headers=auth("ls", "secret")).status_code != 401
 
 
-def test_before_a_reference_predict_answers_one_empty_waiting_entry_per_task(backend, fake_ls):
+def test_before_a_reference_predict_answers_nothing_to_store_per_task(backend, fake_ls):
+    """A per-task ``[]``: Label Studio stores no prediction (an empty "waiting" one would stay on
+    the task for ever) and asks again once there is a reference."""
     client, runtime = backend
     runtime._segmenter = None  # must not be needed
     tasks = [task(i, f"/data/upload/{PROJECT}/missing{i}.png") for i in range(3)]
@@ -135,12 +137,75 @@ def test_before_a_reference_predict_answers_one_empty_waiting_entry_per_task(bac
     answer = client.post("/predict", json=predict_body(tasks))
 
     assert answer.status_code == 200
-    assert (
-        answer.json["results"]
-        == [{"result": [], "score": 0.0, "model_version": WAITING_VERSION}] * 3
-    )
+    assert answer.json["results"] == [[], [], []]
     assert fake_ls.downloads == 0
     assert runtime.model_loaded is False
+
+
+def test_a_token_label_studio_refuses_fails_setup_with_the_fix_and_shows_in_health(
+    backend, fake_ls
+):
+    """Label Studio shows a failed /setup's reason phrase on the model card (Error state); the
+    same problem is in /health, and it is found at /setup, before any task."""
+    client, _ = backend
+    body = {**setup_body(fake_ls), "access_token": "a-legacy-key-the-organisation-refuses"}
+
+    answer = client.post("/setup", json=body)
+
+    assert answer.status_code == 503
+    assert "refused the backend's API token (HTTP 401)" in answer.status
+    assert "LABEL_STUDIO_API_KEY" in answer.status  # the fix, where Label Studio shows it
+    assert answer.json["error"].startswith(f"Label Studio at {fake_ls.url} refused")
+    health = client.get("/health").json
+    assert health["status"] == "ERROR"
+    assert any("refused the backend's API token" in error for error in health["errors"])
+    # The good token: /setup succeeds and the project is usable again.
+    assert client.post("/setup", json=setup_body(fake_ls)).status_code == 200
+
+
+def test_models_that_fail_to_load_fail_setup_and_health(backend, fake_ls, monkeypatch):
+    """A backend without models does not look healthy: /setup (the model card) answers 503 with
+    the cause and the fix, /health says ERROR."""
+    client, runtime = backend
+    runtime._segmenter = None
+    monkeypatch.setattr(runtime, "warm_up", lambda: None)  # the load stays failed
+    runtime._segmenter_error = FileNotFoundError("no such checkpoint: /models/sam.pth")
+
+    setup = client.post("/setup", json=setup_body(fake_ls))
+    health = client.get("/health").json
+
+    assert setup.status_code == 503
+    assert "the models failed to load" in setup.status and "SAM_CHECKPOINT" in setup.status
+    assert health["status"] == "ERROR" and health["model_loaded"] is False
+    assert "no such checkpoint" in health["errors"][0]
+
+
+def test_a_new_version_removes_only_superseded_predictions_of_unlabeled_tasks(backend, fake_ls):
+    """After a training changes the version, each unlabeled task keeps no prediction of an older
+    version of this backend (Label Studio then fetches the current one on open); labeled tasks,
+    the current version and other models' predictions are left alone."""
+    from backend.project import ProjectContext
+    from backend.superseded import remove_superseded
+
+    _, runtime = backend
+    old, current = "rnd-g1-0123ab", "rnd-g2-4567ef"
+    fake_ls.posted.extend(
+        [
+            {"task": 1, "model_version": old},  # id 1: unlabeled, superseded -> removed
+            {"task": 1, "model_version": current},  # id 2: current -> kept
+            {"task": 2, "model_version": old},  # id 3: labeled task -> kept
+            {"task": 3, "model_version": "yolo-v8"},  # id 4: another model -> kept
+            {"task": 3, "model_version": "oneshot-waiting"},  # id 5: earlier release -> removed
+        ]
+    )
+    fake_ls.annotations[2] = [{"id": 7, "parent_prediction": 3}]
+    state = runtime.store.load(str(PROJECT))
+    state.model_version = current
+
+    removed = remove_superseded(ProjectContext(PROJECT, runtime=runtime), state)
+
+    assert removed == 2
+    assert sorted(fake_ls.deleted) == [1, 5]
 
 
 def test_first_annotation_becomes_the_reference_and_changes_the_version(backend, fake_ls):
@@ -157,10 +222,14 @@ def test_first_annotation_becomes_the_reference_and_changes_the_version(backend,
     assert runtime.jobs.wait_idle(60)
 
     version = client.post("/setup", json=setup_body(fake_ls)).json["model_version"]
-    assert version.startswith("oneshot-") and version != WAITING_VERSION
+    # Short enough for Label Studio's version tabs; random test weights say so first.
+    assert re.fullmatch(r"rnd-g1-[0-9a-f]{6}", version), version
     state = runtime.store.load(str(PROJECT))
     assert state.reference_source["annotation_id"] == 100
     versions = client.get("/versions", query_string={"project": f"{PROJECT}.1"}).json
+    # Without a project (Label Studio's own GET sends none) no list mixes projects.
+    unnamed = client.get("/versions").json
+    assert unnamed["versions"] == [] and unnamed["by_project"] == {str(PROJECT): [version]}
     assert versions["versions"] == [version]
     assert versions["current"] == version
 
