@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -15,3 +17,7 @@ def disc_image(
     mask = (xs - centre[0]) ** 2 + (ys - centre[1]) ** 2 <= radius**2
     image[mask] = (220, 40, 40)
     return image, mask
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "oneshot_seg_real"
+"""The real photographs beside the checkout (``../shared``), when present."""

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from builders import disc_image
+from builders import SHARED_DATA, disc_image
 from matcher_core.__main__ import main
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "oneshot_seg_real"
+DATA = SHARED_DATA
 
 
 def smoke_args(tmp_path: Path) -> list[str]:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from builders import SHARED_DATA
 from matcher_core import SegmenterConfig, models, tiny_config
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "oneshot_seg_real"
+DATA = SHARED_DATA
 
 
 def test_random_sam_is_saved_once_and_loaded_as_a_checkpoint(tmp_path):
