@@ -16,7 +16,13 @@ from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
 from labelstudio.redaction import redact_url
-from matcher_core.config import PRESETS, TINY_MODELS, SegmenterConfig, tiny_config
+from matcher_core.config import (
+    ENCODER_RUNTIMES,
+    PRESETS,
+    TINY_MODELS,
+    SegmenterConfig,
+    tiny_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,13 @@ def _number(env: Mapping[str, str], name: str, default: float, kind: type = floa
     if number < minimum:
         raise SettingsError(f"{name}={value!r}: must be at least {minimum}")
     return number
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = (_text(env, name, default) or default).lower()
+    if value not in choices:
+        raise SettingsError(f"{name}={value!r}: choose one of {', '.join(choices)}")
+    return value
 
 
 def gpu_available() -> bool:
@@ -203,6 +216,13 @@ class Settings:
     """First retry delay in seconds (doubled each retry, at most 60 s)."""
     cache_bytes: int = 512 * 1024 * 1024
     """``CACHE_BYTES``: memory for cached image embeddings per process (LRU; 0 turns it off)."""
+    absence_test: bool | None = None
+    """``ABSENCE_TEST``: return nothing for a target that looks no more like the reference object
+    than its own background (``None``: the engine's default, on; the presets' value)."""
+    absence_margin: float | None = None
+    """``ABSENCE_MARGIN``: the absence test's scale-free margin (``None``: the engine's, 0)."""
+    encoder_runtime: str = "torch"
+    """``ENCODER_RUNTIME``: ``torch``, ``onnx`` or ``onnx_int8`` (CPU; exported once, cached)."""
 
     @classmethod
     def from_env(
@@ -297,6 +317,13 @@ class Settings:
                 env, "MAX_CONCURRENT_INFERENCE", cls.max_concurrent_inference, int, 1
             ),
             cache_bytes=_number(env, "CACHE_BYTES", cls.cache_bytes, int, 0),
+            absence_test=_flag(env, "ABSENCE_TEST") if _text(env, "ABSENCE_TEST") else None,
+            absence_margin=(
+                _number(env, "ABSENCE_MARGIN", 0.0, float, 0.0)
+                if _text(env, "ABSENCE_MARGIN")
+                else None
+            ),
+            encoder_runtime=_choice(env, "ENCODER_RUNTIME", "torch", ENCODER_RUNTIMES),
             train_lock_ttl=_number(env, "TRAIN_LOCK_TTL", cls.train_lock_ttl, float, 0.5),
             post_retries=_number(env, "POST_RETRIES", cls.post_retries, int, 0),
             post_retry_backoff=_number(
@@ -329,10 +356,16 @@ class Settings:
                 encoder=self.encoder,
                 model_dir=self.model_dir,
             )
+        # MODE first: a preset that names its mode (persam, persam_f) wins over it.
+        config = config.replace(mode=self.mode)
         if self.preset:
             config = config.with_preset(self.preset)
+        if self.absence_test is not None:
+            config = config.replace(absence_test=self.absence_test)
+        if self.absence_margin is not None:
+            config = config.replace(absence_margin=self.absence_margin)
         return config.replace(
-            mode=self.mode,
+            encoder_runtime=self.encoder_runtime,
             sam_checkpoint=self.sam_checkpoint,
             encoder_checkpoint=self.encoder_checkpoint,
             device=self.device,

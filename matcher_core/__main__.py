@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .config import PRESETS, SegmenterConfig
+from .config import ENCODER_RUNTIMES, PRESETS, SegmenterConfig
 from .datasets import IMAGE_SUFFIXES
 from .imageio import ImageError, load_image, load_label_mask
 
@@ -32,7 +32,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--encoder-runtime",
-        choices=["torch", "onnx", "onnx_int8"],
+        choices=ENCODER_RUNTIMES,
         default=defaults.encoder_runtime,
         help="CPU runtime of the image encoders (onnx: ONNX Runtime, exported once)",
     )

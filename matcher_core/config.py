@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Mode = Literal["matcher", "persam"]
+ENCODER_RUNTIMES = ("torch", "onnx", "onnx_int8")
+"""Values of :attr:`SegmenterConfig.encoder_runtime` (:mod:`matcher_core.runtime`)."""
 
 
 @dataclass

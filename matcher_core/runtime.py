@@ -30,9 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import ENCODER_RUNTIMES
+
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("torch", "onnx", "onnx_int8")
+RUNTIMES = ENCODER_RUNTIMES
 OPSET = 17
 
 

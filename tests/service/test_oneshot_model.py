@@ -399,3 +399,20 @@ def test_rq_background_predictions_are_posted_to_label_studio(redis_server, make
     assert sorted(p["task"] for p in fake_ls.posted) == [3, 4]
     assert {p["model_version"] for p in fake_ls.posted} == {answer["model_version"]}
     assert np.all([p["result"] for p in fake_ls.posted])
+
+
+def test_absence_test_margin_and_encoder_runtime_reach_the_engine_and_a_preset_names_its_mode():
+    settings = Settings.from_env(
+        {"ABSENCE_TEST": "0", "ABSENCE_MARGIN": "0.1", "ENCODER_RUNTIME": "ONNX", "DEVICE": "cpu"}
+    )
+    config = settings.segmenter_config()
+    assert (config.absence_test, config.absence_margin, config.encoder_runtime) == (
+        False,
+        0.1,
+        "onnx",
+    )
+    assert Settings.from_env({"DEVICE": "cpu"}).segmenter_config().absence_test  # the default
+    persam = Settings.from_env({"PRESET": "persam", "DEVICE": "cpu"}).segmenter_config()
+    assert persam.mode == "persam" and not persam.absence_test
+    with pytest.raises(SettingsError, match="ENCODER_RUNTIME"):
+        Settings.from_env({"ENCODER_RUNTIME": "tensorrt", "DEVICE": "cpu"})
