@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from label_studio_sdk.converter.brush import mask2rle
 
+from builders import brush_result as shared_brush_result
 from labelstudio import (
     AnnotationError,
     ConfigError,
@@ -78,23 +79,7 @@ def random_mask(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 
 
 def brush_result(mask: np.ndarray, label: str = "cat", **overrides) -> dict:
-    height, width = mask.shape
-    result = {
-        "id": "r1",
-        "from_name": "tag",
-        "to_name": "image",
-        "type": "brushlabels",
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {
-            "format": "rle",
-            "rle": mask2rle(mask.astype(np.uint8) * 255),
-            "brushlabels": [label],
-        },
-    }
-    result.update(overrides)
-    return result
+    return shared_brush_result(mask, label, **overrides)
 
 
 def polygon_result(points, label="cat", from_name="poly", size=(100, 200)) -> dict:

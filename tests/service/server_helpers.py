@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 
 from backend.settings import Settings
+from builders import brush_result  # noqa: F401  (re-exported to the service tests)
 
 LABEL_CONFIG = """
 <View>
@@ -62,25 +62,6 @@ def png_bytes(image: np.ndarray, mode: str | None = None) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image, mode=mode).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def brush_result(mask: np.ndarray, label: str = "Cat", size=None) -> dict:
-    """A Label Studio brush result for an ``(H, W)`` bool mask."""
-    height, width = size or mask.shape
-    return {
-        "id": f"r{label}",
-        "from_name": "tag",
-        "to_name": "image",
-        "type": "brushlabels",
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {
-            "format": "rle",
-            "rle": mask2rle(mask.astype(np.uint8) * 255),
-            "brushlabels": [label],
-        },
-    }
 
 
 def annotation_event(
