@@ -145,12 +145,7 @@ class LabelStudioAPI:
 
     def project_predictions(self, project_id: str) -> list[dict]:
         """Every prediction of a project (``GET /api/predictions/?project=<id>``)."""
-        answer = self._send("GET", "/api/predictions/", params={"project": project_id})
-        if isinstance(answer, dict):  # a paginated answer
-            answer = answer.get("results")
-        if not isinstance(answer, list):
-            raise LabelStudioAPIError("the prediction list is not a list")
-        return [p for p in answer if isinstance(p, dict)]
+        return self._prediction_list({"project": project_id})
 
     def task_annotations(self, task_id: int) -> list[dict]:
         """A task's annotations (``GET /api/tasks/<id>/annotations/``; unlike ``GET
@@ -171,7 +166,11 @@ class LabelStudioAPI:
 
     def predictions(self, task_id: int) -> list[dict]:
         """The task's predictions (``GET /api/predictions/?task=<id>``)."""
-        answer = self._send("GET", "/api/predictions/", params={"task": task_id})
+        return self._prediction_list({"task": task_id})
+
+    def _prediction_list(self, params: dict) -> list[dict]:
+        """``GET /api/predictions/`` with ``params``, paginated or not, as a list of dicts."""
+        answer = self._send("GET", "/api/predictions/", params=params)
         if isinstance(answer, dict):  # a paginated answer
             answer = answer.get("results")
         if not isinstance(answer, list):
