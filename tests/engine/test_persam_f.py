@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from matcher_core import Example, OneShotSegmenter, Reference, persam, persam_f, tiny_config
 from matcher_core.config import PRESETS
@@ -56,7 +57,7 @@ def test_loss_terms_match_hand_computed_values():
 
 
 @pytest.mark.parametrize("weights", [(1 / 3, 1 / 3, 1 / 3), (1.4, -0.6, 0.2), (0.0, 0.0, 1.0)])
-@pytest.mark.parametrize("size", [(30, 40), (150, 300)])  # one block of pixels; several
+@pytest.mark.parametrize("size", [(30, 40), (240, 300)])  # one block of pixels; two
 def test_the_closed_form_loss_and_gradient_equal_autograd(weights, size):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 3, *size, generator=g) * 6  # large logits: saturated sigmoids too
@@ -67,6 +68,17 @@ def test_the_closed_form_loss_and_gradient_equal_autograd(weights, size):
     loss, gradient = persam_f._CachedExample(logits, mask).loss_and_gradient(leaf.detach())
     assert loss == pytest.approx(float(expected.detach()), rel=1e-5)
     torch.testing.assert_close(gradient, leaf.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_the_cross_entropy_from_the_probability_is_softplus_where_the_loss_can_see_it():
+    s = torch.linspace(-60, 60, 240_001)
+    expected = F.softplus(s.double())
+    got = persam_f.cross_entropy_from_probability(s.clone(), torch.sigmoid(s)).double()
+    # error within float32 resolution of the larger of softplus and 1 ...
+    assert float(((got - expected).abs() / expected.clamp(min=1)).max()) < 3e-7
+    # ... so the focal term the loss sums, q^2 * softplus, keeps float32 precision
+    q2 = torch.sigmoid(s.double()) ** 2
+    assert float((got * q2).sum()) == pytest.approx(float((expected * q2).sum()), rel=1e-7)
 
 
 def test_blend_weights_sum_to_one_and_start_at_a_third():
