@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Mode = Literal["matcher", "persam"]
-ENCODER_RUNTIMES = ("torch", "onnx", "onnx_int8")
+ENCODER_RUNTIMES = ("torch", "onnx", "onnx_int8", "openvino", "openvino_bf16")
 """Values of :attr:`SegmenterConfig.encoder_runtime` (:mod:`matcher_core.runtime`)."""
 
 
@@ -41,9 +41,10 @@ class SegmenterConfig:
     """Local checkpoint for the encoder; ``None`` lets timm fetch its pretrained weights."""
     encoder_input_size: int = 518
     """Side of the square image fed to the matching encoder (518 = 37 patches of 14 pixels)."""
-    encoder_runtime: Literal["torch", "onnx", "onnx_int8"] = "torch"
-    """How the image encoders run on a CPU: PyTorch eager, or ONNX Runtime (exported once into
-    ``model_dir``; ``onnx_int8``: int8 MatMul weights). Ignored on CUDA (``runtime.py``)."""
+    encoder_runtime: Literal["torch", "onnx", "onnx_int8", "openvino", "openvino_bf16"] = "torch"
+    """How the image encoders run on a CPU: PyTorch eager, ONNX Runtime (exported once into
+    ``model_dir``; ``onnx_int8``: int8 MatMul weights) or OpenVINO on the same export
+    (``openvino`` fp32, ``openvino_bf16`` bfloat16). Ignored on CUDA (``runtime.py``)."""
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
     model_dir: str = "~/.cache/oneshot-labeler"

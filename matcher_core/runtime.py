@@ -1,4 +1,5 @@
-"""Accelerated CPU runtime for the image encoders: ONNX Runtime, built from the loaded weights.
+"""Accelerated CPU runtime for the image encoders (ONNX Runtime or OpenVINO), built from the
+loaded weights.
 
 ``SegmenterConfig.encoder_runtime``:
 
@@ -8,9 +9,14 @@
   optimisations: Conv+BatchNorm folding, fused GELU / LayerNorm / attention ...). Outputs match
   PyTorch to float rounding (``tests/test_runtime.py`` states the tolerance);
 * ``onnx_int8``: the same graph with dynamically quantised int8 weights for its MatMuls (ONNX
-  Runtime's ``quantize_dynamic``); faster on some CPUs, with a measured drift (``BENCHMARKS.md``).
+  Runtime's ``quantize_dynamic``); faster on some CPUs, with a measured drift (``BENCHMARKS.md``);
+* ``openvino``: the same fp32 ONNX graph compiled by OpenVINO for the CPU, in fp32 (outputs
+  match PyTorch to float rounding, like ``onnx``; 2x ONNX Runtime on ``vit_b`` here);
+* ``openvino_bf16``: OpenVINO computing in bfloat16 where the CPU has it (AVX512-BF16, AMX;
+  elsewhere OpenVINO stays in fp32): 2x ``openvino`` here, with a measured drift
+  (``BENCHMARKS.md``).
 
-Exports are cached in ``model_dir/onnx/`` under a name keyed by the checkpoint's identity (path,
+Exports are cached in ``model_dir/onnx/`` (OpenVINO's compiled blobs in ``model_dir/openvino/``) under a name keyed by the checkpoint's identity (path,
 size and modification time of the weights file, or the timm model name for timm's own weights),
 the input size, and the torch / onnxruntime versions; they are written atomically (temp file +
 rename), so concurrent workers never read half a file.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,6 +132,48 @@ class OnnxModule(nn.Module):
         return torch.from_numpy(np.asarray(out)).to(x.device)
 
 
+class OpenVinoModule(nn.Module):
+    """An exported ONNX graph compiled by OpenVINO for the CPU, called like :class:`OnnxModule`.
+
+    ``precision`` is OpenVINO's ``INFERENCE_PRECISION_HINT``: ``f32``, or ``bf16`` (used where
+    the CPU computes bfloat16 natively). Compiled blobs are cached in ``cache_dir``. One infer
+    request per calling thread: a request is not safe to share, the compiled model is.
+    """
+
+    def __init__(
+        self, path: Path, precision: str, cache_dir: Path, threads: int | None = None
+    ) -> None:
+        super().__init__()
+        import openvino
+
+        core = openvino.Core()
+        core.set_property({"CACHE_DIR": str(cache_dir)})
+        self.path = path
+        self.precision = precision
+        self.compiled = core.compile_model(
+            str(path),
+            "CPU",
+            {
+                "INFERENCE_PRECISION_HINT": precision,
+                "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+                "PERFORMANCE_HINT": "LATENCY",
+            },
+        )
+        self._requests = threading.local()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        request = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._requests.request = self.compiled.create_infer_request()
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = request.infer({0: array})[0]
+        # A copy: the request reuses its output buffer on the next call.
+        return torch.from_numpy(np.array(out)).to(x.device)
+
+
+OPENVINO_PRECISION = {"openvino": "f32", "openvino_bf16": "bf16"}
+
+
 def build(
     module: nn.Module,
     example: torch.Tensor,
@@ -132,11 +181,13 @@ def build(
     name: str,
     identity: str,
     runtime: str,
-) -> OnnxModule:
-    """The ONNX Runtime version of ``module`` for inputs shaped like ``example`` (any batch)."""
+) -> OnnxModule | OpenVinoModule:
+    """The ``runtime`` version of ``module`` for inputs shaped like ``example`` (any batch)."""
     if runtime not in RUNTIMES[1:]:
         raise ValueError(f"unknown encoder runtime {runtime!r}; choose one of {RUNTIMES}")
     path = export(module, example, cache_path(directory, name, identity, tuple(example.shape[1:])))
+    if runtime in OPENVINO_PRECISION:
+        return OpenVinoModule(path, OPENVINO_PRECISION[runtime], directory / "openvino")
     if runtime == "onnx_int8":
         path = quantise(path)
     return OnnxModule(path)
@@ -146,7 +197,7 @@ class SamEncoderOnnx(nn.Module):
     """Stands in for ``sam.image_encoder``: keeps its ``img_size`` (read by ``Sam.preprocess``)
     and runs the exported graph."""
 
-    def __init__(self, onnx: OnnxModule, img_size: int):
+    def __init__(self, onnx: OnnxModule | OpenVinoModule, img_size: int):
         super().__init__()
         self.onnx = onnx
         self.img_size = img_size

@@ -1,4 +1,4 @@
-"""The ONNX Runtime encoders: built from the loaded weights, cached by checkpoint identity, and
+"""The ONNX Runtime and OpenVINO encoders: built from the loaded weights, cached by checkpoint identity, and
 equal to PyTorch within float rounding (embeddings) with the same masks."""
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ EMBEDDING_RTOL = 1e-4
 ~1e-6 on the tiny models and on real-size random MobileSAM / vit_b: ``BENCHMARKS.md``)."""
 INT8_RTOL = 0.1
 """int8 weights drift more; the figure measured on the real sizes is in ``BENCHMARKS.md``."""
+BF16_RTOL = 0.05
+"""bfloat16 keeps 8 bits of mantissa (relative rounding 4e-3 per operation); measured on the real
+sizes: ``BENCHMARKS.md``. On a CPU without bfloat16 OpenVINO computes in fp32 (error ~1e-6)."""
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -99,6 +102,44 @@ def test_int8_runs_with_bounded_drift(model_dir, scene):
     assert int8.sam.image_encoder.onnx.path.name.endswith("-int8.onnx")
     a, b = eager.features(image).sam_embedding, int8.features(image).sam_embedding
     assert (a - b).norm() / a.norm() < INT8_RTOL
+
+
+@pytest.mark.parametrize("sam_type", ["tiny", "mobile_sam_tiny"])
+def test_openvino_fp32_encoders_match_pytorch_and_give_the_same_masks(model_dir, scene, sam_type):
+    pytest.importorskip("openvino")
+    (ref_image, ref_mask), (target, _) = scene
+    eager = OneShotSegmenter(tiny_config(model_dir=model_dir, sam_type=sam_type))
+    openvino = OneShotSegmenter(
+        tiny_config(model_dir=model_dir, sam_type=sam_type, encoder_runtime="openvino")
+    )
+    assert isinstance(openvino.sam.image_encoder.onnx, runtime.OpenVinoModule)
+    for image in (ref_image, target):
+        a, b = eager.features(image), openvino.features(image)
+        assert (a.sam_embedding - b.sam_embedding).norm() / a.sam_embedding.norm() < EMBEDDING_RTOL
+        rel = (a.patch_features - b.patch_features).norm() / a.patch_features.norm()
+        assert rel < EMBEDDING_RTOL
+    examples = [Example(ref_image, {"disc": [ref_mask]})]
+    found_a = eager.segment(eager.build_reference(examples), target)
+    found_b = openvino.segment(openvino.build_reference(examples), target)
+    assert len(found_a) == len(found_b)
+    for ia, ib in zip(found_a, found_b, strict=True):
+        assert _iou(ia.mask, ib.mask) >= 0.98
+
+
+def test_openvino_bf16_runs_with_bounded_drift_and_batches(model_dir, scene):
+    pytest.importorskip("openvino")
+    (image, _), _ = scene
+    eager = OneShotSegmenter(tiny_config(model_dir=model_dir, sam_type="mobile_sam_tiny"))
+    bf16 = OneShotSegmenter(
+        tiny_config(
+            model_dir=model_dir, sam_type="mobile_sam_tiny", encoder_runtime="openvino_bf16"
+        )
+    )
+    assert bf16.sam.image_encoder.onnx.precision == "bf16"
+    a, b = eager.features(image).sam_embedding, bf16.features(image).sam_embedding
+    assert (a - b).norm() / a.norm() < BF16_RTOL
+    x = torch.randn(3, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    assert bf16.sam.image_encoder(x).shape == (3, 32, 16, 16)
 
 
 def test_unknown_runtime_is_refused(model_dir):
