@@ -154,8 +154,9 @@ class Settings:
     encoder: str = CPU_DEFAULTS["encoder"]
     encoder_checkpoint: str | None = None
     device: str = "auto"
-    model_dir: str = "./model_dir"
-    """Checkpoints, the SQLite state store and the image download cache live here."""
+    model_dir: str = SegmenterConfig.model_dir
+    """Checkpoints, the SQLite state store and the image download cache live here (default: the
+    engine's, as for the command line)."""
     random_weights: bool = False
     mode: str = "matcher"
     preset: str | None = None
