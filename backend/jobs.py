@@ -39,7 +39,7 @@ from labelstudio.redaction import redact_url
 
 from . import background
 from .leases import mark_training_requested
-from .store import StoreUnavailable
+from .store import StateStore, StoreUnavailable
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -83,23 +83,54 @@ class Jobs(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------
-# Coalescing flags (store locks used as flags: set once, by the first request)
+# Coalescing flags, shared by every process on the store
 # ---------------------------------------------------------------------------------------------
 
-
-def pop_flag(store, name: str) -> bool:
-    """Whether the flag ``name`` (a store lock used as a flag) was set; clears it."""
-    probe = store.acquire_lock(name, 1.0)
-    store.release_lock(name)
-    return probe is None
+FLAG_TTL = 86400.0
+"""Seconds a raised flag lasts at most (one whose clearing was lost clears itself)."""
 
 
-def requested_key(project_id: str) -> str:
-    return f"train-requested:{project_id}"
+@dataclass(frozen=True)
+class StoreFlag:
+    """A named flag on the state store, seen by every process and machine on it.
+
+    Kept as a store lock, the store's one atomic set-if-clear: the flag is set while its lock
+    is held. Only the set/clear/test operations below touch that lock.
+    """
+
+    store: StateStore
+    name: str
+
+    def set(self) -> bool:
+        """Set the flag; whether this call set it (False: it was set already)."""
+        return self.store.acquire_lock(self.name, FLAG_TTL) is not None
+
+    def clear(self) -> None:
+        self.store.release_lock(self.name)
+
+    def is_set(self) -> bool:
+        """Whether the flag is set (tested by setting it briefly when clear)."""
+        probe = self.store.acquire_lock(self.name, 1.0)
+        if probe is None:
+            return True
+        self.store.release_lock(self.name, probe)
+        return False
+
+    def pop(self) -> bool:
+        """Whether the flag was set; clears it."""
+        probe = self.store.acquire_lock(self.name, 1.0)
+        self.store.release_lock(self.name)
+        return probe is None
 
 
-def full_key(project_id: str) -> str:
-    return f"train-full:{project_id}"
+def training_requested(store: StateStore, project_id: str) -> StoreFlag:
+    """Set from a training's enqueue until its job starts: later requests ride on that job."""
+    return StoreFlag(store, f"train-requested:{project_id}")
+
+
+def full_training_requested(store: StateStore, project_id: str) -> StoreFlag:
+    """Set by a ``START_TRAINING`` request until the next training job takes it."""
+    return StoreFlag(store, f"train-full:{project_id}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,9 +300,10 @@ class RQJobs:
         store = self.runtime.store
         mark_training_requested(store, project_id)
         if full:
-            store.acquire_lock(full_key(project_id), 86400.0)
+            full_training_requested(store, project_id).set()
         # Only the request that sets the flag enqueues; the others ride on that job.
-        if store.acquire_lock(requested_key(project_id), 86400.0) is None:
+        requested = training_requested(store, project_id)
+        if not requested.set():
             return
         try:
             with self._queue_errors("queueing a training"):
@@ -279,7 +311,7 @@ class RQJobs:
                     RQ_TRAIN, project_id, job_id=f"train-{project_id}-{uuid.uuid4().hex[:12]}"
                 )
         except Exception:
-            store.release_lock(requested_key(project_id))
+            requested.clear()
             raise
 
     def retry_training_later(self, project_id: str, delay: float) -> None:
@@ -294,11 +326,7 @@ class RQJobs:
 
     def training_pending(self, project_id: str) -> bool:
         # The requested flag is set from the enqueue until the job starts.
-        probe = self.runtime.store.acquire_lock(requested_key(project_id), 1.0)
-        if probe is None:
-            return True
-        self.runtime.store.release_lock(requested_key(project_id), probe)
-        return False
+        return training_requested(self.runtime.store, project_id).is_set()
 
     def submit_predictions(self, project_id: str, tasks: list[dict]) -> list[str]:
         ids = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from .background import predict_and_post, train_with_project_lock
-from .jobs import full_key, pop_flag, requested_key
+from .jobs import full_training_requested, training_requested
 from .runtime import get_runtime
 
 
@@ -17,8 +17,9 @@ def rq_train(project_id: str) -> None:
     time.sleep(runtime.settings.train_debounce)
     store = runtime.store
     # Clear the flag before reading anything: a request arriving from now on enqueues a new job.
-    store.release_lock(requested_key(project_id))
-    train_with_project_lock(runtime, project_id, pop_flag(store, full_key(project_id)))
+    training_requested(store, project_id).clear()
+    full = full_training_requested(store, project_id).pop()
+    train_with_project_lock(runtime, project_id, full)
 
 
 def rq_retry_training(project_id: str) -> None:

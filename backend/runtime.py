@@ -45,6 +45,8 @@ class Runtime:
         self._segmenter: OneShotSegmenter | None = segmenter
         self._segmenter_error: BaseException | None = None
         self._segmenter_lock = threading.Lock()
+        self._loading = threading.Event()
+        """Set while a load of the models is in progress."""
         self._inference = threading.BoundedSemaphore(settings.max_concurrent_inference)
         self._references: OrderedDict[tuple[str, str], Reference] = OrderedDict()
         self._references_lock = threading.Lock()
@@ -89,7 +91,7 @@ class Runtime:
     def wait_for_models(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for a load in progress; whether the models are loaded."""
         deadline = time.monotonic() + timeout_s
-        while self._segmenter is None and self._segmenter_lock.locked():
+        while self._segmenter is None and self._loading.is_set():
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
@@ -101,41 +103,50 @@ class Runtime:
             return self._segmenter
         with self._segmenter_lock:
             if self._segmenter is None:
-                from matcher_core import OneShotSegmenter
-
-                config = self.settings.segmenter_config()
-                started = time.perf_counter()
-                log.info(
-                    "loading models: SAM %s, encoder %s, mode %s, device %s",
-                    config.sam_type,
-                    config.encoder,
-                    config.mode,
-                    config.device,
-                )
+                self._loading.set()
                 try:
-                    self._segmenter = OneShotSegmenter(config)
-                except BaseException as error:
-                    repeated = repr(error) == repr(self._segmenter_error)
-                    self._segmenter_error = error
-                    # Every use retries the load: the same failure is logged once, with the fix.
-                    log.log(
-                        logging.DEBUG if repeated else logging.ERROR,
-                        "%s",
-                        model_problem(error),
-                        exc_info=not repeated,
-                    )
-                    raise
-                self._segmenter_error = None
-                log.info(
-                    "models loaded on %s in %.1f s",
-                    self._segmenter.device,
-                    time.perf_counter() - started,
-                )
+                    self._load_segmenter()
+                finally:
+                    self._loading.clear()
         return self._segmenter
+
+    def _load_segmenter(self) -> None:
+        """Load the engine (under the segmenter lock); a failure is kept for ``model_problem``
+        and logged once, with the fix."""
+        from matcher_core import OneShotSegmenter
+
+        config = self.settings.segmenter_config()
+        started = time.perf_counter()
+        log.info(
+            "loading models: SAM %s, encoder %s, mode %s, device %s",
+            config.sam_type,
+            config.encoder,
+            config.mode,
+            config.device,
+        )
+        try:
+            self._segmenter = OneShotSegmenter(config)
+        except BaseException as error:
+            repeated = repr(error) == repr(self._segmenter_error)
+            self._segmenter_error = error
+            # Every use retries the load: the same failure is logged once, with the fix.
+            log.log(
+                logging.DEBUG if repeated else logging.ERROR,
+                "%s",
+                model_problem(error),
+                exc_info=not repeated,
+            )
+            raise
+        self._segmenter_error = None
+        log.info(
+            "models loaded on %s in %.1f s",
+            self._segmenter.device,
+            time.perf_counter() - started,
+        )
 
     def warm_up(self) -> None:
         """Start loading the models in a background thread (no-op once loaded or loading)."""
-        if self._segmenter is not None or self._segmenter_lock.locked():
+        if self._segmenter is not None or self._loading.is_set():
             return
 
         def load() -> None:

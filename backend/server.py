@@ -40,7 +40,7 @@ from .model import OneShotModel
 from .project import project_id_of
 from .runtime import Runtime, get_runtime
 from .settings import Settings, check_base_url
-from .store import StoreError
+from .store import StateStore, StoreError
 from .telemetry import Metrics
 
 log = logging.getLogger("oneshot.server")
@@ -329,8 +329,60 @@ def _register_error_handlers(app: Flask, settings: Settings) -> None:
 def _register_routes(app: Flask, runtime: Runtime) -> None:
     """The ML backend protocol: ``/health``, ``/setup``, ``/predict``, ``/webhook``, ``/train``,
     ``/versions``, ``/metrics``."""
+    _register_model_routes(app, runtime)
+    _register_status_routes(app, runtime)
+
+
+def _model_for(body: dict, runtime: Runtime, config_field: str) -> OneShotModel:
+    """The model of the project a request names, with the label config it carries in
+    ``config_field`` (``schema`` at ``/setup``, ``label_config`` elsewhere)."""
+    return OneShotModel(
+        project_id=body.get("project"),
+        label_config=_optional_text(body, config_field),
+        runtime=runtime,
+    )
+
+
+def _register_model_routes(app: Flask, runtime: Runtime) -> None:
+    """The routes the model answers: ``/setup``, ``/predict``, ``/webhook``, ``/train``."""
+    depth = runtime.settings.max_json_depth
+
+    @app.post("/setup")
+    def setup():
+        body = _json_body(depth)
+        version = _model_for(body, runtime, "schema").setup(
+            hostname=_optional_url(body, "hostname"),
+            access_token=_optional_text(body, "access_token"),
+        )
+        return jsonify({"model_version": version})
+
+    @app.post("/predict")
+    def predict():
+        body = _json_body(depth)
+        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        context = params.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise BadRequest(f"'params.context' must be an object, not {type(context).__name__}")
+        model = _model_for(body, runtime, "label_config")
+        return jsonify(model.predict(body.get("tasks"), context=context))
+
+    @app.post("/webhook")
+    def webhook():
+        body = _json_body(depth)
+        model = OneShotModel(runtime=runtime)
+        return jsonify(model.fit(body.get("action"), body))
+
+    @app.post("/train")
+    def train():
+        body = _json_body(depth)
+        model = _model_for(body, runtime, "label_config")
+        return jsonify(model.fit("START_TRAINING", {"project": body.get("project")}))
+
+
+def _register_status_routes(app: Flask, runtime: Runtime) -> None:
+    """What the service reports: ``/health``, ``/versions``, ``/metrics``."""
     settings = runtime.settings
-    metrics = runtime.metrics
+    depth = settings.max_json_depth
 
     @app.get("/health")
     def health():
@@ -351,80 +403,38 @@ def _register_routes(app: Flask, runtime: Runtime) -> None:
             }
         )
 
-    depth = settings.max_json_depth
-
-    @app.post("/setup")
-    def setup():
-        body = _json_body(depth)
-        model = OneShotModel(
-            project_id=body.get("project"),
-            label_config=_optional_text(body, "schema"),
-            runtime=runtime,
-        )
-        version = model.setup(
-            hostname=_optional_url(body, "hostname"),
-            access_token=_optional_text(body, "access_token"),
-        )
-        return jsonify({"model_version": version})
-
-    @app.post("/predict")
-    def predict():
-        body = _json_body(depth)
-        params = body.get("params") if isinstance(body.get("params"), dict) else {}
-        context = params.get("context")
-        if context is not None and not isinstance(context, dict):
-            raise BadRequest(f"'params.context' must be an object, not {type(context).__name__}")
-        model = OneShotModel(
-            project_id=body.get("project"),
-            label_config=_optional_text(body, "label_config"),
-            runtime=runtime,
-        )
-        return jsonify(model.predict(body.get("tasks"), context=context))
-
-    @app.post("/webhook")
-    def webhook():
-        body = _json_body(depth)
-        model = OneShotModel(runtime=runtime)
-        return jsonify(model.fit(body.get("action"), body))
-
-    @app.post("/train")
-    def train():
-        body = _json_body(depth)
-        model = OneShotModel(
-            project_id=body.get("project"),
-            label_config=_optional_text(body, "label_config"),
-            runtime=runtime,
-        )
-        return jsonify(model.fit("START_TRAINING", {"project": body.get("project")}))
-
     @app.get("/versions")
     def versions():
         body = _json_body(depth) if request.content_length else {}
         project = request.args.get("project") or body.get("project")
         project_id = project_id_of(project) if project is not None else None
-        history = runtime.store.versions(project_id)
-        if project_id is None:
-            # Label Studio 1.23 sends no project on this GET: one list would mix the versions of
-            # every project, so each project's are listed apart.
-            by_project: dict[str, list[str]] = {}
-            for entry in history:
-                names = by_project.setdefault(str(entry["project_id"]), [])
-                if entry["model_version"] not in names:
-                    names.append(entry["model_version"])
-            return jsonify(
-                {"versions": [], "by_project": by_project, "hint": "/versions?project=<id>"}
-            )
-        names = list(dict.fromkeys(entry["model_version"] for entry in history))
-        state = runtime.store.load(project_id)
-        return jsonify(
-            {
-                "versions": names,
-                "history": history,
-                "current": state.model_version,
-                "last_error": state.last_error,
-            }
-        )
+        return jsonify(versions_answer(runtime.store, project_id))
 
     @app.get("/metrics")
     def prometheus_metrics():
-        return Response(metrics.render(), mimetype="text/plain; version=0.0.4; charset=utf-8")
+        return Response(
+            runtime.metrics.render(), mimetype="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+
+def versions_answer(store: StateStore, project_id: str | None) -> dict:
+    """``/versions``: a project's model versions, history, current version and last error; for
+    no project, each project's versions apart."""
+    history = store.versions(project_id)
+    if project_id is None:
+        # Label Studio 1.23 sends no project on this GET: one list would mix the versions of
+        # every project, so each project's are listed apart.
+        by_project: dict[str, list[str]] = {}
+        for entry in history:
+            names = by_project.setdefault(str(entry["project_id"]), [])
+            if entry["model_version"] not in names:
+                names.append(entry["model_version"])
+        return {"versions": [], "by_project": by_project, "hint": "/versions?project=<id>"}
+    names = list(dict.fromkeys(entry["model_version"] for entry in history))
+    state = store.load(project_id)
+    return {
+        "versions": names,
+        "history": history,
+        "current": state.model_version,
+        "last_error": state.last_error,
+    }

@@ -154,8 +154,9 @@ class Settings:
     encoder: str = CPU_DEFAULTS["encoder"]
     encoder_checkpoint: str | None = None
     device: str = "auto"
-    model_dir: str = "./model_dir"
-    """Checkpoints, the SQLite state store and the image download cache live here."""
+    model_dir: str = SegmenterConfig.model_dir
+    """Checkpoints, the SQLite state store and the image download cache live here (default: the
+    engine's, as for the command line)."""
     random_weights: bool = False
     mode: str = "matcher"
     preset: str | None = None
@@ -237,99 +238,7 @@ class Settings:
         env = os.environ if env is None else env
         if overrides:
             env = {**env, **overrides}
-        random_weights = _flag(env, "ONESHOT_RANDOM_WEIGHTS")
-        device = _text(env, "DEVICE", "auto")
-        on_gpu = device.startswith("cuda") or (device == "auto" and gpu_available())
-        defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
-        if random_weights:
-            defaults = {"sam_type": TINY_MODELS["sam_type"], "encoder": TINY_MODELS["encoder"]}
-        mode = _text(env, "MODE", "matcher").lower()
-        if mode not in MODES:
-            raise SettingsError(f"MODE={mode!r}: choose one of {', '.join(MODES)}")
-        preset = _text(env, "PRESET")
-        if preset is not None and preset not in PRESETS:
-            raise SettingsError(f"PRESET={preset!r}: choose one of {', '.join(sorted(PRESETS))}")
-        user, password = _text(env, "BASIC_AUTH_USER"), _text(env, "BASIC_AUTH_PASS")
-        if (user is None) != (password is None):
-            raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
-        level = _text(env, "LOG_LEVEL", "INFO").upper()
-        if not isinstance(logging.getLevelName(level), int):
-            raise SettingsError(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
-        redis_url = _text(env, "REDIS_URL")
-        jobs = (_text(env, "JOBS") or ("rq" if redis_url else "thread")).lower()
-        if jobs not in ("thread", "rq"):
-            raise SettingsError(f"JOBS={jobs!r}: use 'thread' or 'rq'")
-        if jobs == "rq" and not redis_url:
-            raise SettingsError("JOBS=rq needs REDIS_URL")
-        log_format = (_text(env, "LOG_FORMAT", "text") or "text").lower()
-        if log_format not in ("text", "json"):
-            raise SettingsError(f"LOG_FORMAT={log_format!r}: use 'text' or 'json'")
-        hosts = tuple(h.strip() for h in (_text(env, "ALLOWED_HOSTS", "") or "").split(",") if h)
-        label_studio_url = _text(env, "LABEL_STUDIO_URL")
-        if label_studio_url is not None:
-            try:
-                check_base_url(label_studio_url)
-            except ValueError as error:
-                raise SettingsError(f"LABEL_STUDIO_URL={label_studio_url!r}: {error}") from None
-        return cls(
-            sam_model_type=_text(env, "SAM_MODEL_TYPE", defaults["sam_type"]),
-            sam_checkpoint=_text(env, "SAM_CHECKPOINT"),
-            encoder=_text(env, "ENCODER", defaults["encoder"]),
-            encoder_checkpoint=_text(env, "ENCODER_CHECKPOINT"),
-            device=device,
-            model_dir=_text(env, "MODEL_DIR", "./model_dir"),
-            random_weights=random_weights,
-            mode=mode,
-            preset=preset,
-            redis_url=redis_url,
-            jobs=jobs,
-            label_studio_url=label_studio_url,
-            label_studio_api_key=_text(env, "LABEL_STUDIO_API_KEY"),
-            basic_auth_user=user,
-            basic_auth_pass=password,
-            log_level=level,
-            log_format=log_format,
-            max_request_bytes=_number(env, "MAX_REQUEST_BYTES", cls.max_request_bytes, int, 1024),
-            max_json_depth=_number(env, "MAX_JSON_DEPTH", cls.max_json_depth, int, 8),
-            max_tasks_per_request=_number(
-                env, "MAX_TASKS_PER_REQUEST", cls.max_tasks_per_request, int, 1
-            ),
-            max_image_bytes=_number(env, "MAX_IMAGE_BYTES", cls.max_image_bytes, int, 1),
-            max_image_pixels=_number(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, int, 1),
-            max_instances_per_label=_number(
-                env, "MAX_INSTANCES_PER_LABEL", cls.max_instances_per_label, int, 1
-            ),
-            max_shots_per_label=_number(
-                env, "MAX_SHOTS_PER_LABEL", cls.max_shots_per_label, int, 1
-            ),
-            max_project_state_bytes=_number(
-                env, "MAX_PROJECT_STATE_BYTES", cls.max_project_state_bytes, int, 1024
-            ),
-            fetch_timeout=_number(env, "FETCH_TIMEOUT", cls.fetch_timeout, float, 0.1),
-            allowed_hosts=hosts,
-            local_files_root=_text(env, "LOCAL_FILES_DOCUMENT_ROOT"),
-            predict_time_budget=_number(
-                env, "PREDICT_TIME_BUDGET", cls.predict_time_budget, float, 0.0
-            ),
-            train_debounce=_number(env, "TRAIN_DEBOUNCE", cls.train_debounce, float, 0.0),
-            train_retry_delay=_number(env, "TRAIN_RETRY_DELAY", cls.train_retry_delay, float, 0.1),
-            max_concurrent_inference=_number(
-                env, "MAX_CONCURRENT_INFERENCE", cls.max_concurrent_inference, int, 1
-            ),
-            cache_bytes=_number(env, "CACHE_BYTES", cls.cache_bytes, int, 0),
-            absence_test=_flag(env, "ABSENCE_TEST") if _text(env, "ABSENCE_TEST") else None,
-            absence_margin=(
-                _number(env, "ABSENCE_MARGIN", 0.0, float, 0.0)
-                if _text(env, "ABSENCE_MARGIN")
-                else None
-            ),
-            encoder_runtime=_choice(env, "ENCODER_RUNTIME", "torch", ENCODER_RUNTIMES),
-            train_lock_ttl=_number(env, "TRAIN_LOCK_TTL", cls.train_lock_ttl, float, 0.5),
-            post_retries=_number(env, "POST_RETRIES", cls.post_retries, int, 0),
-            post_retry_backoff=_number(
-                env, "POST_RETRY_BACKOFF", cls.post_retry_backoff, float, 0.0
-            ),
-        )
+        return cls(**_model_settings(env), **_service_settings(env), **_number_settings(env))
 
     # ----------------------------------------------------------------------------------
     @property
@@ -381,3 +290,106 @@ class Settings:
         shown["redis_url"] = redact_url(self.redis_url)
         shown["allowed_hosts"] = list(self.allowed_hosts)
         return shown
+
+
+NUMBER_SETTINGS: tuple[tuple[str, str, type, float], ...] = (
+    ("max_request_bytes", "MAX_REQUEST_BYTES", int, 1024),
+    ("max_json_depth", "MAX_JSON_DEPTH", int, 8),
+    ("max_tasks_per_request", "MAX_TASKS_PER_REQUEST", int, 1),
+    ("max_image_bytes", "MAX_IMAGE_BYTES", int, 1),
+    ("max_image_pixels", "MAX_IMAGE_PIXELS", int, 1),
+    ("max_instances_per_label", "MAX_INSTANCES_PER_LABEL", int, 1),
+    ("max_shots_per_label", "MAX_SHOTS_PER_LABEL", int, 1),
+    ("max_project_state_bytes", "MAX_PROJECT_STATE_BYTES", int, 1024),
+    ("fetch_timeout", "FETCH_TIMEOUT", float, 0.1),
+    ("predict_time_budget", "PREDICT_TIME_BUDGET", float, 0.0),
+    ("train_debounce", "TRAIN_DEBOUNCE", float, 0.0),
+    ("train_retry_delay", "TRAIN_RETRY_DELAY", float, 0.1),
+    ("max_concurrent_inference", "MAX_CONCURRENT_INFERENCE", int, 1),
+    ("cache_bytes", "CACHE_BYTES", int, 0),
+    ("train_lock_ttl", "TRAIN_LOCK_TTL", float, 0.5),
+    ("post_retries", "POST_RETRIES", int, 0),
+    ("post_retry_backoff", "POST_RETRY_BACKOFF", float, 0.0),
+)
+"""The numeric settings: ``(field, variable, type, smallest value)``; the default is the field's."""
+
+
+def _model_settings(env: Mapping[str, str]) -> dict:
+    """The model fields of :class:`Settings`: which models, where, in which mode."""
+    random_weights = _flag(env, "ONESHOT_RANDOM_WEIGHTS")
+    device = _text(env, "DEVICE", "auto")
+    on_gpu = device.startswith("cuda") or (device == "auto" and gpu_available())
+    defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
+    if random_weights:
+        defaults = {"sam_type": TINY_MODELS["sam_type"], "encoder": TINY_MODELS["encoder"]}
+    mode = _text(env, "MODE", "matcher").lower()
+    if mode not in MODES:
+        raise SettingsError(f"MODE={mode!r}: choose one of {', '.join(MODES)}")
+    preset = _text(env, "PRESET")
+    if preset is not None and preset not in PRESETS:
+        raise SettingsError(f"PRESET={preset!r}: choose one of {', '.join(sorted(PRESETS))}")
+    return {
+        "sam_model_type": _text(env, "SAM_MODEL_TYPE", defaults["sam_type"]),
+        "sam_checkpoint": _text(env, "SAM_CHECKPOINT"),
+        "encoder": _text(env, "ENCODER", defaults["encoder"]),
+        "encoder_checkpoint": _text(env, "ENCODER_CHECKPOINT"),
+        "device": device,
+        "model_dir": _text(env, "MODEL_DIR", Settings.model_dir),
+        "random_weights": random_weights,
+        "mode": mode,
+        "preset": preset,
+        "absence_test": _flag(env, "ABSENCE_TEST") if _text(env, "ABSENCE_TEST") else None,
+        "absence_margin": (
+            _number(env, "ABSENCE_MARGIN", 0.0, float, 0.0)
+            if _text(env, "ABSENCE_MARGIN")
+            else None
+        ),
+        "encoder_runtime": _choice(env, "ENCODER_RUNTIME", "torch", ENCODER_RUNTIMES),
+    }
+
+
+def _service_settings(env: Mapping[str, str]) -> dict:
+    """The service fields of :class:`Settings`: Redis and jobs, Label Studio, auth, logging,
+    where images may come from."""
+    user, password = _text(env, "BASIC_AUTH_USER"), _text(env, "BASIC_AUTH_PASS")
+    if (user is None) != (password is None):
+        raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+    level = _text(env, "LOG_LEVEL", "INFO").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise SettingsError(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
+    redis_url = _text(env, "REDIS_URL")
+    jobs = (_text(env, "JOBS") or ("rq" if redis_url else "thread")).lower()
+    if jobs not in ("thread", "rq"):
+        raise SettingsError(f"JOBS={jobs!r}: use 'thread' or 'rq'")
+    if jobs == "rq" and not redis_url:
+        raise SettingsError("JOBS=rq needs REDIS_URL")
+    log_format = (_text(env, "LOG_FORMAT", "text") or "text").lower()
+    if log_format not in ("text", "json"):
+        raise SettingsError(f"LOG_FORMAT={log_format!r}: use 'text' or 'json'")
+    hosts = tuple(h.strip() for h in (_text(env, "ALLOWED_HOSTS", "") or "").split(",") if h)
+    label_studio_url = _text(env, "LABEL_STUDIO_URL")
+    if label_studio_url is not None:
+        try:
+            check_base_url(label_studio_url)
+        except ValueError as error:
+            raise SettingsError(f"LABEL_STUDIO_URL={label_studio_url!r}: {error}") from None
+    return {
+        "redis_url": redis_url,
+        "jobs": jobs,
+        "label_studio_url": label_studio_url,
+        "label_studio_api_key": _text(env, "LABEL_STUDIO_API_KEY"),
+        "basic_auth_user": user,
+        "basic_auth_pass": password,
+        "log_level": level,
+        "log_format": log_format,
+        "allowed_hosts": hosts,
+        "local_files_root": _text(env, "LOCAL_FILES_DOCUMENT_ROOT"),
+    }
+
+
+def _number_settings(env: Mapping[str, str]) -> dict:
+    """The numeric fields of :class:`Settings` (:data:`NUMBER_SETTINGS`)."""
+    return {
+        name: _number(env, variable, getattr(Settings, name), kind, minimum)
+        for name, variable, kind, minimum in NUMBER_SETTINGS
+    }

@@ -13,12 +13,17 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from labelstudio import LabelingSchema, annotation_to_masks
+from labelstudio.api import LabelStudioAPI
 from matcher_core import Example, Reference
-from matcher_core.learning import Correction, model_version
+from matcher_core.learning import Correction, LearningReport, model_version
 from matcher_core.learning import learn as learn_from_corrections
 
 from .errors import TASK_INPUT_ERRORS
@@ -28,11 +33,18 @@ from .store import (
     InvalidKey,
     LockLost,
     ProjectState,
+    StateStore,
     StoreError,
     StoreUnavailable,
     example_key,
 )
 from .superseded import remove_superseded
+from .telemetry import Metrics
+
+if TYPE_CHECKING:
+    from matcher_core import OneShotSegmenter
+
+    from .jobs import Jobs
 
 log = logging.getLogger("oneshot.model")
 
@@ -134,24 +146,25 @@ def example_order(item: tuple[str, dict]) -> tuple:
 
 
 def example_loader(
-    project: ProjectContext, schema: LabelingSchema, state: ProjectState, api_holder: dict
+    schema: LabelingSchema,
+    load_image: Callable[[dict], np.ndarray],
+    fetch_task: Callable[[Any], dict],
+    engine: Callable[[], OneShotSegmenter],
+    inference_slot: Callable[[], AbstractContextManager],
 ) -> Callable[[TrainingExample], Example]:
-    """Loads an example: its task from Label Studio when it was stored without data, its
-    image, and its masks (rectangles / keypoints turned into masks by SAM)."""
-    runtime = project.runtime
+    """Loads an example: its task (``fetch_task``, from Label Studio) when it was stored without
+    data, its image, and its masks (rectangles / keypoints turned into masks by SAM)."""
 
     def load(example: TrainingExample) -> Example:
         task = example.task
         if not isinstance(task.get("data"), dict):
-            if "api" not in api_holder:
-                api_holder["api"] = project.api(state)
-            task = api_holder["api"].task(task.get("id") or example.annotation.get("task"))
+            task = fetch_task(task.get("id") or example.annotation.get("task"))
             example.task = task
-        image = project.load_task_image(task, schema, state)
-        segmenter = runtime.segmenter()
+        image = load_image(task)
+        segmenter = engine()
 
         def sam(points, point_labels, box):
-            with runtime.inference_slot():
+            with inference_slot():
                 return segmenter.segment_from_prompts(image, points, point_labels, box)[0]
 
         masks = annotation_to_masks(
@@ -162,11 +175,32 @@ def example_loader(
     return load
 
 
-def sync_examples_from_label_studio(project: ProjectContext, state: ProjectState) -> None:
+def project_example_loader(
+    project: ProjectContext, schema: LabelingSchema, state: ProjectState
+) -> Callable[[TrainingExample], Example]:
+    """:func:`example_loader` on ``project``'s images, engine and Label Studio connection (the
+    API client is made on the first task that needs one)."""
+    clients: list[LabelStudioAPI] = []
+
+    def fetch_task(task_id: Any) -> dict:
+        if not clients:
+            clients.append(project.api(state))
+        return clients[0].task(task_id)
+
+    runtime = project.runtime
+    return example_loader(
+        schema,
+        partial(project.load_task_image, schema=schema, state=state),
+        fetch_task,
+        runtime.segmenter,
+        runtime.inference_slot,
+    )
+
+
+def sync_examples_from_label_studio(
+    store: StateStore, api: LabelStudioAPI, project_id: str
+) -> None:
     """Replace the stored examples by the project's annotations in Label Studio."""
-    project_id = project.require_project_id()
-    store = project.store
-    api = project.api(state)
     fresh: dict[str, dict] = {}
     for task in api.annotated_tasks(project_id):
         for annotation in task.get("annotations") or []:
@@ -212,61 +246,103 @@ def train(
     Returns:
         The project's state after the training (the previous one when it failed cleanly).
     """
-    custom_hook = learn is not None
-    if learn is None:
-
-        def learn(state: ProjectState, reference: Reference, examples: list[TrainingExample]):
-            return learn_from_examples(project, state, reference, examples)
-
     started = time.perf_counter()
     project_id = project.require_project_id()
+    store, metrics = project.store, project.metrics
     requested: float | None = None
     try:
-        state = project.store.load(project_id)
+        state = store.load(project_id)
         requested = state.training_requested_at
-        run = _TrainingRun(project, state, full)
-        run.prepare()
-        run.learn(learn)
+        run = start_run(project, state, full)
+        run.learn(learn or default_learn_hook(project))
     except Exception as error:
-        training_failed(project, project_id, error, started, requested)
+        training_failed(store, metrics, project_id, error, started, requested)
         raise
-
     unlearned = run.unlearned()
     if unlearned:
-        schedule_retry(project, project_id, unlearned)
+        schedule_retry(
+            project.runtime.jobs, project_id, unlearned, project.settings.train_retry_delay
+        )
     if run.reference is None and run.failures:
         # Nothing usable now (Label Studio down, images failing): keep serving what we have.
         error = RuntimeError("no annotation could be used: " + "; ".join(run.failures.values()))
-        training_failed(project, project_id, error, started, requested)
-        return project.store.load(project_id)
+        training_failed(store, metrics, project_id, error, started, requested)
+        return store.load(project_id)
     if not run.rebuild and not run.learned_something:
-        log.info("project %s: nothing new to learn (%d pending)", project_id, len(run.pending))
-        project.metrics.trainings.inc("skipped")
-
-        def served(current: ProjectState) -> ProjectState | None:
-            if not unlearned:
-                return request_served(current, requested)
-            current.last_error = unlearned_error(unlearned)
-            request_served(current, requested)
-            return current
-
-        return project.store.update(project_id, served, reason="nothing to learn", fence=fence)
-    if run.reference is not None and custom_hook:
-        cap_shots(project, run.reference)
-    new_state = _commit(project, run, unlearned, fence, started, requested)
+        return nothing_learned(store, metrics, run, unlearned, requested, fence)
+    if run.reference is not None and learn is not None:
+        cap_shots(run.reference, project.settings.max_shots_per_label, project_id)
+    try:
+        new_state = _commit(store, run, project.settings.mode, unlearned, fence, requested)
+    except StoreError as error:
+        training_failed(store, metrics, project_id, error, started, requested)
+        raise
+    log_trained(metrics, run, unlearned, new_state, state.model_version, started)
     if new_state.model_version != state.model_version and all(project.connection(new_state)):
-        remove_superseded(project, new_state)
+        remove_superseded(project.api, new_state)
     return new_state
+
+
+def default_learn_hook(project: ProjectContext) -> LearnHook:
+    """:func:`learn_from_examples` on ``project``'s engine, metrics and shot limit."""
+
+    def learn(state: ProjectState, reference: Reference, examples: list[TrainingExample]):
+        return learn_from_examples(
+            state,
+            reference,
+            examples,
+            segmenter=project.runtime.segmenter(),
+            metrics=project.metrics,
+            max_shots=project.settings.max_shots_per_label,
+        )
+
+    return learn
+
+
+def start_run(project: ProjectContext, state: ProjectState, full: bool) -> _TrainingRun:
+    """A training run of ``project`` with its examples loaded and its reference kept or rebuilt
+    (``full``: the examples refetched from Label Studio first)."""
+    project_id = state.project_id
+    schema = project.schema(state)
+    if full:
+        sync_examples_from_label_studio(project.store, project.api(state), project_id)
+    stored = sorted(project.store.examples(project_id).items(), key=example_order)
+    run = _TrainingRun(state, full, stored)
+    run.prepare(project.runtime.segmenter(), project_example_loader(project, schema, state))
+    return run
+
+
+def nothing_learned(
+    store: StateStore,
+    metrics: Metrics,
+    run: _TrainingRun,
+    unlearned: dict[str, str],
+    requested: float | None,
+    fence: tuple[str, str] | None,
+) -> ProjectState:
+    """Record a training that had nothing new to learn (and what stays pending)."""
+    log.info("project %s: nothing new to learn (%d pending)", run.project_id, len(run.pending))
+    metrics.trainings.inc("skipped")
+
+    def served(current: ProjectState) -> ProjectState | None:
+        if not unlearned:
+            return request_served(current, requested)
+        current.last_error = unlearned_error(unlearned)
+        request_served(current, requested)
+        return current
+
+    return store.update(run.project_id, served, reason="nothing to learn", fence=fence)
 
 
 class _TrainingRun:
     """One training's work before anything is written: the examples, the reference (kept or
     rebuilt from the first usable annotation) and what the learning hook made of the rest."""
 
-    def __init__(self, project: ProjectContext, state: ProjectState, full: bool):
-        self.project, self.state, self.full = project, state, full
-        self.project_id = project.require_project_id()
-        self.stored: list[tuple[str, dict]] = []
+    def __init__(self, state: ProjectState, full: bool, stored: list[tuple[str, dict]]):
+        self.state, self.full = state, full
+        self.project_id = state.project_id
+        self.stored = stored
+        """The stored examples ``(key, payload)``, oldest first."""
         self.examples: list[TrainingExample] = []
         self.reference: Reference | None = None
         self.source: str | None = None
@@ -277,13 +353,18 @@ class _TrainingRun:
         self.pending: list[TrainingExample] = []
         self.learned_something = False
 
-    def prepare(self) -> None:
-        """Load the stored examples and decide whether the reference is rebuilt."""
-        project, state, store = self.project, self.state, self.project.store
-        schema = project.schema(state)
-        if self.full:
-            sync_examples_from_label_studio(project, state)
-        self.stored = sorted(store.examples(self.project_id).items(), key=example_order)
+    @property
+    def reason(self) -> str:
+        """What this training is, in the version history."""
+        return (
+            "full retraining" if self.full else ("reference built" if self.rebuild else "learned")
+        )
+
+    def prepare(
+        self, segmenter: OneShotSegmenter, loader: Callable[[TrainingExample], Example]
+    ) -> None:
+        """Wrap the stored examples and decide whether the reference is rebuilt."""
+        state = self.state
         # An example stored again after it was learned (e.g. an annotation updated while
         # the last training ran, which then marked the old content applied) is learned anew.
         relearn = {
@@ -293,8 +374,6 @@ class _TrainingRun:
             != payload.get("received_at")
         }
         state.applied_examples = [k for k in state.applied_examples if k not in relearn]
-        segmenter = project.runtime.segmenter()
-        loader = example_loader(project, schema, state, {})
         self.examples = [
             TrainingExample(key, p.get("annotation", {}), p.get("task") or {}, loader)
             for key, p in self.stored
@@ -354,16 +433,16 @@ class _TrainingRun:
 
 
 def _commit(
-    project: ProjectContext,
+    store: StateStore,
     run: _TrainingRun,
+    mode: str,
     unlearned: dict[str, str],
     fence: tuple[str, str] | None,
-    started: float,
     requested: float | None,
 ) -> ProjectState:
-    """Write the run's reference, learned state and version (fenced by the lease) and log it."""
-    project_id, state, reference = run.project_id, run.state, run.reference
-    content = model_version_of(reference, state.learned, project.settings.mode)
+    """Write the run's reference, learned state and version (fenced by the lease)."""
+    state, reference = run.state, run.reference
+    content = model_version_of(reference, state.learned, mode)
     version = served_version(state.model_version, content)
     blob = reference.to_bytes() if reference is not None else None
     source_info = None
@@ -374,7 +453,6 @@ def _commit(
             "annotation_id": annotation.get("id"),
             "task_id": annotation.get("task"),
         }
-    reason = "full retraining" if run.full else ("reference built" if run.rebuild else "learned")
     applied = run.applied
 
     def change(current: ProjectState) -> ProjectState:
@@ -389,30 +467,36 @@ def _commit(
         request_served(current, requested)
         return current
 
-    try:
-        new_state = project.store.update(project_id, change, reason=reason, fence=fence)
-    except StoreError as error:
-        training_failed(project, project_id, error, started, requested)
-        raise
+    return store.update(run.project_id, change, reason=run.reason, fence=fence)
+
+
+def log_trained(
+    metrics: Metrics,
+    run: _TrainingRun,
+    unlearned: dict[str, str],
+    new_state: ProjectState,
+    previous_version: str,
+    started: float,
+) -> None:
+    """Count a training and log it in one line, with true numbers: an annotation that could not
+    be loaded this time (e.g. its download got HTTP 401) is counted as not learned."""
     seconds = time.perf_counter() - started
-    project.metrics.trainings.inc("ok")
-    project.metrics.training_seconds.observe(seconds)
-    # One line per training, with true numbers: an annotation that could not be loaded this
-    # time (e.g. its download got HTTP 401) is counted as not learned, not as learned.
+    metrics.trainings.inc("ok")
+    metrics.training_seconds.observe(seconds)
+    version = new_state.model_version
     not_learned = sorted(unlearned)
     log.info(
         "project %s: %s from %d annotation(s): %d learned, %d not learned%s in %.1f s; "
         "model version %s",
-        project_id,
-        reason,
+        run.project_id,
+        run.reason,
         len(run.examples),
-        len([key for key in applied if key not in unlearned]),
+        len([key for key in run.applied if key not in unlearned]),
         len(not_learned),
         f" ({', '.join(not_learned[:5])}: retried later)" if not_learned else "",
         seconds,
-        version if version == state.model_version else f"{state.model_version} -> {version}",
+        version if version == previous_version else f"{previous_version} -> {version}",
     )
-    return new_state
 
 
 def loads(example: TrainingExample) -> bool:
@@ -433,10 +517,10 @@ def unlearned_error(unlearned: dict[str, str]) -> str | None:
     return f"{len(unlearned)} annotation(s) not learned yet, retried later: {reasons}"[:1000]
 
 
-def schedule_retry(project: ProjectContext, project_id: str, unlearned: dict[str, str]) -> None:
-    """Train again in ``TRAIN_RETRY_DELAY`` seconds: the examples that could not be loaded (their
-    image source unreachable, most often) are learned once it is back, with no new event."""
-    delay = project.settings.train_retry_delay
+def schedule_retry(jobs: Jobs, project_id: str, unlearned: dict[str, str], delay: float) -> None:
+    """Train again in ``delay`` seconds (``TRAIN_RETRY_DELAY``): the examples that could not be
+    loaded (their image source unreachable, most often) are learned once it is back, with no
+    new event."""
     log.warning(
         "project %s: %d annotation(s) could not be loaded (%s); training again in %g s "
         "(TRAIN_RETRY_DELAY)",
@@ -446,7 +530,7 @@ def schedule_retry(project: ProjectContext, project_id: str, unlearned: dict[str
         delay,
     )
     try:
-        project.runtime.jobs.retry_training_later(project_id, delay)
+        jobs.retry_training_later(project_id, delay)
     except Exception as error:  # the next event retries then; the training itself stands
         log.error("project %s: cannot schedule the retry: %s", project_id, error)
 
@@ -460,17 +544,17 @@ def request_served(state: ProjectState, requested: float | None) -> ProjectState
     return state
 
 
-def cap_shots(project: ProjectContext, reference: Reference) -> None:
-    """Keep at most ``MAX_SHOTS_PER_LABEL`` shots per label (:meth:`LabelReference.cap_shots`),
-    saying so. Applied to what a custom learning hook returns; the default one caps itself."""
-    limit = project.settings.max_shots_per_label
+def cap_shots(reference: Reference, limit: int, project_id: str) -> None:
+    """Keep at most ``limit`` (``MAX_SHOTS_PER_LABEL``) shots per label
+    (:meth:`LabelReference.cap_shots`), saying so. Applied to what a custom learning hook
+    returns; the default one caps itself."""
     for name, label_ref in reference.labels.items():
         count = len(label_ref.shots)
         if label_ref.cap_shots(limit):
             log.warning(
                 "project %s label %r: %d reference shots, over the limit of %d "
                 "(MAX_SHOTS_PER_LABEL); keeping the newest %d",
-                project.project_id,
+                project_id,
                 name,
                 count,
                 limit,
@@ -479,7 +563,8 @@ def cap_shots(project: ProjectContext, reference: Reference) -> None:
 
 
 def training_failed(
-    project: ProjectContext,
+    store: StateStore,
+    metrics: Metrics,
     project_id: str,
     error: BaseException,
     started: float,
@@ -487,8 +572,8 @@ def training_failed(
 ) -> None:
     """Count and log a failed training and record it in the state (the previous reference
     and version keep serving)."""
-    project.metrics.trainings.inc("failed")
-    project.metrics.training_seconds.observe(time.perf_counter() - started)
+    metrics.trainings.inc("failed")
+    metrics.training_seconds.observe(time.perf_counter() - started)
     log.error("project %s: training failed, previous version kept: %s", project_id, error)
     if isinstance(error, (StoreUnavailable, LockLost)):
         # Unreachable store: the request mark stays, and the training is resumed once the
@@ -503,20 +588,23 @@ def training_failed(
         return state
 
     try:
-        project.store.update(project_id, change, reason="training failed")
+        store.update(project_id, change, reason="training failed")
     except StoreError:
         log.error("project %s: could not record the training failure", project_id)
 
 
 def learn_from_examples(
-    project: ProjectContext,
     state: ProjectState,
     reference: Reference,
     examples: list[TrainingExample],
+    *,
+    segmenter: OneShotSegmenter,
+    metrics: Metrics,
+    max_shots: int,
 ) -> Reference | None:
     """The default learning hook: :func:`matcher_core.learning.learn` on every example that
-    loads, with its figures in the metrics and the log (see :meth:`backend.model.OneShotModel.learn`).
-    """
+    loads, with its figures in the metrics and the log (see
+    :meth:`backend.model.OneShotModel.learn`)."""
     corrections = []
     for example in examples:
         try:
@@ -534,23 +622,24 @@ def learn_from_examples(
         )
     if not corrections:
         return None
-    learned, report = learn_from_corrections(
-        project.runtime.segmenter(),
-        reference,
-        corrections,
-        max_shots=project.settings.max_shots_per_label,
-    )
+    learned, report = learn_from_corrections(segmenter, reference, corrections, max_shots=max_shots)
     state.learned = {"examples": report.examples, "labels": report.labels}
-    last_training = project.metrics.last_training
+    record_learning(metrics, state.project_id, report)
+    return learned
+
+
+def record_learning(metrics: Metrics, project_id: str, report: LearningReport) -> None:
+    """A learning's figures per label in the metrics (``last_training``) and the log."""
+    last_training = metrics.last_training
     for label, figures in report.labels.items():
         for quantity in ("shots", "negatives", "threshold", "loss_before", "loss_after"):
             if isinstance(figures.get(quantity), int | float):
-                last_training.set(state.project_id, label, quantity, value=figures[quantity])
-        last_training.set(state.project_id, label, "examples", value=report.examples)
-        last_training.set(state.project_id, label, "seconds", value=report.seconds)
+                last_training.set(project_id, label, quantity, value=figures[quantity])
+        last_training.set(project_id, label, "examples", value=report.examples)
+        last_training.set(project_id, label, "seconds", value=report.seconds)
     log.info(
         "project %s: learned from %d example(s) in %.1f s: %s",
-        state.project_id,
+        project_id,
         report.examples,
         report.seconds,
         "; ".join(
@@ -559,4 +648,3 @@ def learn_from_examples(
             for label, f in report.labels.items()
         ),
     )
-    return learned

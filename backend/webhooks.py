@@ -99,19 +99,41 @@ def footprint_masker(image_size: tuple[int, int]) -> Callable:
     return masker
 
 
-def validate_annotation(project: ProjectContext, annotation: dict, schema: LabelingSchema) -> None:
+def validate_annotation(
+    annotation: dict, schema: LabelingSchema, max_instances_per_label: int, max_image_pixels: int
+) -> None:
     """Reject an unusable annotation before storing it (decodes its masks at the size it
     was drawn at; rectangles / keypoints count as their footprint here).
 
     Raises:
         BadRequest: no results, sizes that disagree or are not numbers, corrupt results.
-        LimitExceeded: drawn on more than ``MAX_IMAGE_PIXELS``, or more than
-            ``MAX_INSTANCES_PER_LABEL`` regions of one label.
+        LimitExceeded: drawn on more than ``max_image_pixels`` (``MAX_IMAGE_PIXELS``), or more
+            than ``max_instances_per_label`` (``MAX_INSTANCES_PER_LABEL``) regions of one label.
     """
-    settings = project.settings
     results = annotation.get("result")
     if not isinstance(results, list) or not results:
         raise BadRequest(f"annotation {annotation.get('id')} has no results")
+    check_regions_per_label(annotation, results, max_instances_per_label)
+    height, width = drawn_size(annotation, results)
+    if height * width > max_image_pixels:
+        raise LimitExceeded(
+            f"annotation {annotation.get('id')}: drawn on a {width:g}x{height:g} image, over "
+            f"the limit of {max_image_pixels} pixels (MAX_IMAGE_PIXELS)"
+        )
+    try:
+        annotation_to_masks(
+            results, schema, (int(height), int(width)), footprint_masker((height, width))
+        )
+    except (AnnotationError, ValueError, TypeError) as error:
+        raise BadRequest(f"annotation {annotation.get('id')}: {error}") from error
+
+
+def check_regions_per_label(annotation: dict, results: list, limit: int) -> None:
+    """Refuse more than ``limit`` regions of one label.
+
+    Raises:
+        LimitExceeded: as said, naming the most crowded label.
+    """
     regions: dict[str, int] = {}
     for result in results:
         if not isinstance(result, dict) or not isinstance(result.get("type"), str):
@@ -121,13 +143,22 @@ def validate_annotation(project: ProjectContext, annotation: dict, schema: Label
         for label in labels if isinstance(labels, list) else ():
             if isinstance(label, str):
                 regions[label] = regions.get(label, 0) + 1
-    crowded = {label: n for label, n in regions.items() if n > settings.max_instances_per_label}
+    crowded = {label: n for label, n in regions.items() if n > limit}
     if crowded:
         label, count = max(crowded.items(), key=lambda item: item[1])
         raise LimitExceeded(
             f"annotation {annotation.get('id')}: {count} regions of label {label!r}; the "
-            f"limit is {settings.max_instances_per_label} (MAX_INSTANCES_PER_LABEL)"
+            f"limit is {limit} (MAX_INSTANCES_PER_LABEL)"
         )
+
+
+def drawn_size(annotation: dict, results: list) -> tuple[float, float]:
+    """``(height, width)`` of the image the annotation's regions were drawn on.
+
+    Raises:
+        BadRequest: a result that is no object, a region without a size or with one that is not
+            a positive number, sizes that disagree, or no region at all.
+    """
     sizes = set()
     for index, result in enumerate(results):
         if not isinstance(result, dict):
@@ -162,18 +193,7 @@ def validate_annotation(project: ProjectContext, annotation: dict, schema: Label
             f"annotation {annotation.get('id')} has no image region (brush, polygon, rectangle "
             "or keypoint) to learn from"
         )
-    (height, width) = sizes.pop()
-    if height * width > settings.max_image_pixels:
-        raise LimitExceeded(
-            f"annotation {annotation.get('id')}: drawn on a {width:g}x{height:g} image, over "
-            f"the limit of {settings.max_image_pixels} pixels (MAX_IMAGE_PIXELS)"
-        )
-    try:
-        annotation_to_masks(
-            results, schema, (int(height), int(width)), footprint_masker((height, width))
-        )
-    except (AnnotationError, ValueError, TypeError) as error:
-        raise BadRequest(f"annotation {annotation.get('id')}: {error}") from error
+    return sizes.pop()
 
 
 def receive_annotations(project: ProjectContext, pairs: list[tuple[Any, Any]], event: str) -> dict:
@@ -181,36 +201,68 @@ def receive_annotations(project: ProjectContext, pairs: list[tuple[Any, Any]], e
     training. A refused event (any annotation unusable, or the label config) writes nothing."""
     state = project.load_state()
     schema = project.schema(state)
+    settings = project.settings
     accepted: list[tuple[str, dict]] = []
     skipped: list[str] = []
     for annotation, task in pairs:
-        if not isinstance(annotation, dict) or annotation.get("id") is None:
-            raise BadRequest(f"{event} without an annotation object with an 'id'")
-        annotation_id = annotation["id"]
-        key = checked_example_key(event, annotation_id)
-        task_ref = annotation.get("task")
-        if task_ref is not None and (
-            isinstance(task_ref, bool) or not isinstance(task_ref, (int, str))
-        ):
-            raise BadRequest(
-                f"{event}: annotation {annotation_id} names task {str(task_ref)[:40]!r}, "
-                "not a task id"
-            )
+        key = checked_annotation(event, annotation)
         if annotation.get("was_cancelled"):
-            skipped.append(f"annotation {annotation_id} is a skipped task")
+            skipped.append(f"annotation {annotation['id']} is a skipped task")
             continue
-        validate_annotation(project, annotation, schema)
-        if not isinstance(task, dict):
-            task = {"id": annotation.get("task")}
-        payload = {
-            "annotation": {
-                k: annotation.get(k)
-                for k in ("id", "result", "task", "created_at", "updated_at", "completed_by")
-            },
-            "task": {k: task.get(k) for k in ("id", "data") if k in task},
-            "received_at": time.time(),
-        }
-        accepted.append((key, payload))
+        validate_annotation(
+            annotation, schema, settings.max_instances_per_label, settings.max_image_pixels
+        )
+        accepted.append((key, example_payload(annotation, task)))
+    stored = store_examples(project, accepted)
+    for reason in skipped:
+        log.info("project %s: %s; ignored", project.project_id, reason)
+    log.info("project %s: %s stored %s; training requested", project.project_id, event, stored)
+    return {
+        "status": "training queued" if stored else "ignored",
+        "project": project.project_id,
+        "stored": stored,
+        "skipped": skipped,
+    }
+
+
+def checked_annotation(event: str, annotation: Any) -> str:
+    """The example key of an event's annotation, once it is an object with an id and names
+    a task by id (or none).
+
+    Raises:
+        BadRequest: any of these is not so.
+    """
+    if not isinstance(annotation, dict) or annotation.get("id") is None:
+        raise BadRequest(f"{event} without an annotation object with an 'id'")
+    annotation_id = annotation["id"]
+    key = checked_example_key(event, annotation_id)
+    task_ref = annotation.get("task")
+    if task_ref is not None and (
+        isinstance(task_ref, bool) or not isinstance(task_ref, (int, str))
+    ):
+        raise BadRequest(
+            f"{event}: annotation {annotation_id} names task {str(task_ref)[:40]!r}, not a task id"
+        )
+    return key
+
+
+def example_payload(annotation: dict, task: Any) -> dict:
+    """What is stored of an annotation and its task (the fields training reads)."""
+    if not isinstance(task, dict):
+        task = {"id": annotation.get("task")}
+    return {
+        "annotation": {
+            k: annotation.get(k)
+            for k in ("id", "result", "task", "created_at", "updated_at", "completed_by")
+        },
+        "task": {k: task.get(k) for k in ("id", "data") if k in task},
+        "received_at": time.time(),
+    }
+
+
+def store_examples(project: ProjectContext, accepted: list[tuple[str, dict]]) -> list[str]:
+    """Store the accepted examples (with the label config) and request a training; returns the
+    stored keys."""
     stored: list[str] = []
     if accepted:
         project.record_label_config()
@@ -228,15 +280,7 @@ def receive_annotations(project: ProjectContext, pairs: list[tuple[Any, Any]], e
             reason="annotation updated",
         )
         project.runtime.jobs.request_training(project.require_project_id())
-    for reason in skipped:
-        log.info("project %s: %s; ignored", project.project_id, reason)
-    log.info("project %s: %s stored %s; training requested", project.project_id, event, stored)
-    return {
-        "status": "training queued" if stored else "ignored",
-        "project": project.project_id,
-        "stored": stored,
-        "skipped": skipped,
-    }
+    return stored
 
 
 def checked_example_key(event: str, annotation_id: Any) -> str:

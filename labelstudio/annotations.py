@@ -9,7 +9,7 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
@@ -27,10 +27,6 @@ from .schema import (
     LabelingSchema,
     PromptMasker,
 )
-
-if TYPE_CHECKING:
-    pass
-
 
 log = logging.getLogger(__name__)
 

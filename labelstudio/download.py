@@ -184,9 +184,7 @@ def fetch_image_bytes(
             return _decode_data_uri(url, max_bytes)
         root = _local_files_root(local_files_root)
         if root and _is_local_files_url(url):
-            with local_files_resolver(_local_file_resolver(root)):
-                path = resolve_local_storage_file(url)
-            return _read_file(path, max_bytes)
+            return _read_local_file(root, url, max_bytes)
         if _is_local_files_url(url) and hostname:
             # Not readable here: download it from Label Studio, which serves it with auth.
             url = hostname + url
@@ -198,29 +196,52 @@ def fetch_image_bytes(
 
         policy = HostPolicy.build(hostname, allowed_hosts)
         session = GuardedSession(policy, time.monotonic() + timeout, max_bytes)
-        with session, http_session(session), policy_in_force(policy):
-            # Only Label Studio gets the token, so only its URLs need a (possibly exchanged) one.
-            needs_token = not url.startswith(("http://", "https://")) or policy.is_label_studio(url)
-            credential = _credential(session, hostname, token) if needs_token and token else None
-            secrets.append(credential)
-            # A scratch directory per call: the SDK writes its download there, and no other
-            # call can see the file half-written.
-            with tempfile.TemporaryDirectory(dir=cache_dir, prefix="fetch-") as scratch:
-                path = get_local_path(
-                    url,
-                    cache_dir=scratch,
-                    hostname=hostname or None,
-                    access_token=credential,
-                    task_id=task_id,
-                    # The SDK would otherwise look for uploads in this machine's own Label
-                    # Studio data directory, bypassing auth and the caps; point it nowhere.
-                    image_dir=os.path.join(scratch, "no-local-uploads"),
-                )
-                data = _read_file(path, max_bytes)
+        data = _download(session, url, hostname, token, task_id, cache_dir, secrets)
         _cache_store(cached, data)
         return data
     except Exception as error:
         raise _as_fetch_error(error, session, shown_url, timeout, secrets) from None
+
+
+def _read_local_file(root: str, url: str, max_bytes: int) -> bytes:
+    """A ``/data/local-files/?d=...`` image read from under ``root``
+    (``LOCAL_FILES_DOCUMENT_ROOT``), as Label Studio resolves it."""
+    with local_files_resolver(_local_file_resolver(root)):
+        path = resolve_local_storage_file(url)
+    return _read_file(path, max_bytes)
+
+
+def _download(
+    session: GuardedSession,
+    url: str,
+    hostname: str,
+    token: str | None,
+    task_id: int | None,
+    cache_dir: str,
+    secrets: list[str | None],
+) -> bytes:
+    """Download ``url`` through the SDK on the guarded ``session`` (its policy in force); the
+    credential sent to Label Studio is added to ``secrets`` (redacted from errors)."""
+    policy = session.policy
+    with session, http_session(session), policy_in_force(policy):
+        # Only Label Studio gets the token, so only its URLs need a (possibly exchanged) one.
+        needs_token = not url.startswith(("http://", "https://")) or policy.is_label_studio(url)
+        credential = _credential(session, hostname, token) if needs_token and token else None
+        secrets.append(credential)
+        # A scratch directory per call: the SDK writes its download there, and no other
+        # call can see the file half-written.
+        with tempfile.TemporaryDirectory(dir=cache_dir, prefix="fetch-") as scratch:
+            path = get_local_path(
+                url,
+                cache_dir=scratch,
+                hostname=hostname or None,
+                access_token=credential,
+                task_id=task_id,
+                # The SDK would otherwise look for uploads in this machine's own Label
+                # Studio data directory, bypassing auth and the caps; point it nowhere.
+                image_dir=os.path.join(scratch, "no-local-uploads"),
+            )
+            return _read_file(path, max_bytes=session.max_bytes)
 
 
 def _credential(session: GuardedSession, hostname: str, token: str) -> str:

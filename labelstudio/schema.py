@@ -106,6 +106,17 @@ def parse_label_config(xml: str) -> LabelingSchema:
         ConfigError: not a parseable config, no ``<Image>`` with a ``$key`` value, or no
             Brush/Polygon/Rectangle/KeyPoint ``...Labels`` control with labels on such an image.
     """
+    controls, objects = _parsed_tags(xml)
+    images = _image_keys(objects)
+    specs = _mask_controls(controls, images)
+    output = min(specs, key=lambda spec: MASK_CAPABLE_TYPES.index(spec.type))
+    labels = list(dict.fromkeys(label for spec in specs for label in spec.labels))
+    return LabelingSchema(controls=specs, output=output, image_key=output.image_key, labels=labels)
+
+
+def _parsed_tags(xml: str) -> tuple[list, list]:
+    """The control tags and object tags of a label config (the SDK's ``LabelInterface``),
+    after the checks that come before any XML parsing."""
     if not isinstance(xml, str) or not xml.strip():
         raise ConfigError("label config is empty")
     if len(xml) > MAX_CONFIG_CHARS:
@@ -116,12 +127,14 @@ def parse_label_config(xml: str) -> LabelingSchema:
         raise ConfigError("label config must not contain a DOCTYPE or ENTITY declaration")
     try:
         interface = LabelInterface(xml)
-        controls = list(interface.controls)
-        objects = list(interface.objects)
+        return list(interface.controls), list(interface.objects)
     except Exception as error:  # the SDK raises many types (lxml, pydantic, KeyError...)
         raise ConfigError(f"label config cannot be parsed: {error}") from error
 
-    images: dict[str, str] = {}  # image tag name -> task data key
+
+def _image_keys(objects: list) -> dict[str, str]:
+    """Image tag name -> task data key, of every ``<Image value="$key">``."""
+    images: dict[str, str] = {}
     for obj in objects:
         tag = str(getattr(obj, "tag", "") or "").lower()
         # The raw attribute: the SDK falls back to valueList (multi-page images) for ``value``.
@@ -139,7 +152,11 @@ def parse_label_config(xml: str) -> LabelingSchema:
         raise ConfigError(
             'label config has no <Image name="..." value="$key"> tag: this backend labels images'
         )
+    return images
 
+
+def _mask_controls(controls: list, images: dict[str, str]) -> list[ControlSpec]:
+    """The mask-capable controls with labels on one of ``images`` (the others logged)."""
     specs: list[ControlSpec] = []
     ignored: list[str] = []
     for control in controls:
@@ -171,10 +188,7 @@ def parse_label_config(xml: str) -> LabelingSchema:
         )
     for reason in ignored:
         log.warning("label config: %s; ignored", reason)
-
-    output = min(specs, key=lambda spec: MASK_CAPABLE_TYPES.index(spec.type))
-    labels = list(dict.fromkeys(label for spec in specs for label in spec.labels))
-    return LabelingSchema(controls=specs, output=output, image_key=output.image_key, labels=labels)
+    return specs
 
 
 def task_image_url(task: dict, schema: LabelingSchema) -> str:

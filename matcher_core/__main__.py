@@ -164,45 +164,61 @@ def cmd_segment(args: argparse.Namespace) -> int:
             failures += 1
             continue
         instances = segmenter.segment(reference, image)
-        stem = stems[path]
-        summary = {
-            "image": str(path),
-            "width": image.shape[1],
-            "height": image.shape[0],
-            "random_weights": config.random_weights,
-            "model_version": version,
-            "instances": [],
-        }
-        for k, instance in enumerate(instances):
-            name = f"{stem}_{instance.label}_{k}.png"
-            Image.fromarray(instance.mask.astype(np.uint8) * 255).save(out / name)
-            summary["instances"].append(
-                {
-                    "label": instance.label,
-                    "score": round(instance.score, 4),
-                    "box_xyxy": list(instance.box),
-                    "mask": name,
-                }
-            )
-        (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+        _write_instances(out, stems[path], path, image, instances, version, config.random_weights)
         if args.label_studio_json:
             task = label_studio_task(args, path, instances, list(example.masks), image, version)
-            (out / f"{stem}.labelstudio.json").write_text(json.dumps(task, indent=2))
+            (out / f"{stems[path]}.labelstudio.json").write_text(json.dumps(task, indent=2))
             tasks.append(task)
         print(
             f"{path}: {len(instances)} instance(s)"
             + "".join(f" {i.label}={i.score:.2f}" for i in instances)
         )
     if tasks:
-        # One file to import: Label Studio takes a list of tasks with their predictions.
-        (out / "labelstudio_tasks.json").write_text(json.dumps(tasks, indent=2))
-        if not args.image_url:
-            logging.warning(
-                "Label Studio cannot show local paths: pass --image-url PREFIX (e.g. "
-                "/data/local-files/?d=images/ or https://host/images/) to name the images as "
-                "Label Studio reaches them"
-            )
+        _write_label_studio_tasks(out, tasks, args.image_url)
     return 1 if failures else 0
+
+
+def _write_instances(
+    out: Path,
+    stem: str,
+    path: Path,
+    image: np.ndarray,
+    instances: list,
+    version: str,
+    random_weights: bool,
+) -> None:
+    """One PNG per instance and the image's JSON summary, under ``out`` named by ``stem``."""
+    summary = {
+        "image": str(path),
+        "width": image.shape[1],
+        "height": image.shape[0],
+        "random_weights": random_weights,
+        "model_version": version,
+        "instances": [],
+    }
+    for k, instance in enumerate(instances):
+        name = f"{stem}_{instance.label}_{k}.png"
+        Image.fromarray(instance.mask.astype(np.uint8) * 255).save(out / name)
+        summary["instances"].append(
+            {
+                "label": instance.label,
+                "score": round(instance.score, 4),
+                "box_xyxy": list(instance.box),
+                "mask": name,
+            }
+        )
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+
+
+def _write_label_studio_tasks(out: Path, tasks: list[dict], image_url: str | None) -> None:
+    """One file to import: Label Studio takes a list of tasks with their predictions."""
+    (out / "labelstudio_tasks.json").write_text(json.dumps(tasks, indent=2))
+    if not image_url:
+        logging.warning(
+            "Label Studio cannot show local paths: pass --image-url PREFIX (e.g. "
+            "/data/local-files/?d=images/ or https://host/images/) to name the images as "
+            "Label Studio reaches them"
+        )
 
 
 def label_studio_task(

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .datasets import Sample
 from .metrics import IoUAccumulator, boundary_iou
-from .reference import Example
+from .reference import Example, Reference
 from .segmenter import OneShotSegmenter
 
 
@@ -105,39 +105,26 @@ def evaluate(
             examples.append(Example(image, {name: [mask]}))
         reference = segmenter.build_reference(examples)
         targets = samples[shots:][:max_targets]
-        boundary, seconds = [], []
-        for sample in targets:
-            image, truth = sample.load()
-            start = time.perf_counter()
-            instances = segmenter.segment(reference, image)
-            elapsed = time.perf_counter() - start
-            prediction = _union(instances, truth.shape)
-            value = accumulator.add(name, prediction, truth)
-            boundary.append(boundary_iou(prediction, truth))
-            seconds.append(elapsed)
-            report.targets.append(
-                TargetResult(
-                    name, str(sample.image_path), value, boundary[-1], len(instances), elapsed
-                )
-            )
-            cases.setdefault(name, []).append((value, image, truth, prediction))
-            bar.update(1)
+        results = [
+            _evaluate_target(segmenter, reference, name, sample, accumulator, cases, bar)
+            for sample in targets
+        ]
+        report.targets.extend(results)
         # Negatives: the first target of the next categories in name order (deterministic).
-        fp = 0
         others = [n for n in names[index + 1 :] + names[:index] if len(categories[n]) > 0]
-        for other in others[:negatives_per_category]:
-            image, _ = categories[other][-1].load()
-            fp += bool(segmenter.segment(reference, image))
-            bar.update(1)
+        negatives = min(negatives_per_category, len(others))
+        fp = _false_positives(
+            segmenter, reference, categories, others[:negatives_per_category], bar
+        )
         false_positives += fp
-        negatives_seen += min(negatives_per_category, len(others))
+        negatives_seen += negatives
         report.categories[name] = {
             "targets": len(targets),
             "iou": accumulator.category_iou()[name],
             "mean_image_iou": float(np.mean(accumulator.per_image[name])),
-            "boundary_iou": float(np.mean(boundary)),
-            "false_positive_rate": fp / max(1, min(negatives_per_category, len(others))),
-            "seconds_per_target": float(np.mean(seconds)),
+            "boundary_iou": float(np.mean([r.boundary_iou for r in results])),
+            "false_positive_rate": fp / max(1, negatives),
+            "seconds_per_target": float(np.mean([r.seconds for r in results])),
         }
     bar.close()
     if report.categories:
@@ -148,6 +135,52 @@ def evaluate(
         report.false_positive_rate = false_positives / max(1, negatives_seen)
         report.seconds_per_target = float(np.mean([t.seconds for t in report.targets]))
     return report, cases
+
+
+def _evaluate_target(
+    segmenter: OneShotSegmenter,
+    reference: Reference,
+    name: str,
+    sample: Sample,
+    accumulator: IoUAccumulator,
+    cases: dict[str, list],
+    bar: tqdm,
+) -> TargetResult:
+    """Segment one target of category ``name``; its IoU goes into ``accumulator`` and its
+    ``(iou, image, truth, prediction)`` into ``cases``."""
+    image, truth = sample.load()
+    start = time.perf_counter()
+    instances = segmenter.segment(reference, image)
+    elapsed = time.perf_counter() - start
+    prediction = _union(instances, truth.shape)
+    value = accumulator.add(name, prediction, truth)
+    result = TargetResult(
+        name,
+        str(sample.image_path),
+        value,
+        boundary_iou(prediction, truth),
+        len(instances),
+        elapsed,
+    )
+    cases.setdefault(name, []).append((value, image, truth, prediction))
+    bar.update(1)
+    return result
+
+
+def _false_positives(
+    segmenter: OneShotSegmenter,
+    reference: Reference,
+    categories: dict[str, list[Sample]],
+    others: list[str],
+    bar: tqdm,
+) -> int:
+    """How many of the ``others`` categories' last samples get any instance from ``reference``."""
+    found = 0
+    for other in others:
+        image, _ = categories[other][-1].load()
+        found += bool(segmenter.segment(reference, image))
+        bar.update(1)
+    return found
 
 
 def overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> Image.Image:

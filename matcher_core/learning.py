@@ -311,26 +311,10 @@ def learn(
 ) -> tuple[Reference, LearningReport]:
     """Learn a new reference from ``reference``'s base and every correction (from scratch).
 
-    Steps, per label:
-
-    1. The base reference (:func:`base_reference`) predicts every correction's image (features
-       come from the segmenter's cache: no encoder pass for an image seen before).
-    2. *Shots*: the base shots stay first; corrections showing the label follow, worst predicted
-       first (``1 - IoU`` of the union of shown predictions with the union of annotated masks),
-       up to ``max_shots`` in all. A correction of the same image as a base shot (the reference
-       task itself) adds no shot. A label only corrections show gets shots from them alone.
-    3. *Negatives*: every predicted instance, whatever its score, overlapping each annotated mask
-       of the label by less than :data:`DELETED_IOU` was deleted; the features of its patch cells
-       (those no annotated mask touches) join the label's negatives, at most ``max_negatives``
-       rows (:func:`select_negatives`). They act at matching (points closer to a negative than
-       to the reference are dropped, and a target where most are is rejected) and at scoring
-       (:func:`matcher_core.scoring.score_proposals`).
-    4. *PerSAM-F weights* (``train_weights``): :meth:`OneShotSegmenter.train_mask_weights` on
-       every corrected example of the label.
-    5. *Threshold*: the learned reference predicts every correction again, leaving out what that
-       correction contributed (its shot and its negatives, so it is not judged by itself); each
-       instance is kept (IoU at least :data:`KEPT_IOU` with an annotated mask) or not, and
-       :func:`calibrate_threshold` picks the label's ``score_threshold``.
+    The steps, per label, each a function below: what the base reference predicts on every
+    correction (:func:`_base_predictions`); the label's shots and negatives
+    (:func:`_learn_label`); PerSAM-F mask weights (:func:`_train_mask_weights`); the score
+    threshold on leave-one-out predictions (:func:`_calibrate_thresholds`).
 
     Args:
         segmenter: the segmenter whose models built ``reference``.
@@ -349,67 +333,18 @@ def learn(
         raise ValueError("max_shots must be at least 1")
     base = base_reference(reference)
     seen = _prepare(segmenter, corrections)
-
-    # 1. What the base reference predicts on every correction.
-    predictions: dict[tuple[str, int], list[Instance]] = {}
-    for label, label_ref in base.labels.items():
-        for index, item in enumerate(seen):
-            predictions[label, index] = _segment_label(segmenter, item.features, label_ref)
+    predictions = _base_predictions(segmenter, base, seen)
     labels = list(base.labels) + sorted(
         {label for item in seen for label in item.masks} - set(base.labels)
     )
-
-    # The base has no tuned threshold: annotators were shown the configuration's.
-    threshold_shown = segmenter.config.score_threshold
-    seen_features = [item.features.patch_features.cpu().numpy().astype(np.float16) for item in seen]
     learned = Reference(model_id=base.model_id or segmenter.model_id)
     report = LearningReport(examples=len(seen))
-    shot_sources: dict[str, list[int | None]] = {}
-    regions: dict[str, list[tuple[int, np.ndarray]]] = {}
+    by_label = _LabelLearning(segmenter, base, seen, predictions, max_shots, max_negatives)
     for label in labels:
-        base_shots = base.labels[label].shots if label in base.labels else []
-        # 2. Shots: base shots, then corrections worst predicted first.
-        chosen, sources = _choose_corrections(
-            label, base_shots, seen, seen_features, predictions, threshold_shown, max_shots
-        )
-        shots = list(base_shots) + [
-            segmenter.make_shot(seen[index].features, seen[index].truth(label)) for index in chosen
-        ]
-        shot_sources[label] = sources
-        # 3. Negatives: predictions that overlap no annotated mask of the label.
-        regions[label] = _deleted_regions(label, seen, predictions)
-        negatives = select_negatives(regions[label], _object_features(shots), max_negatives)
-        learned.labels[label] = LabelReference(
-            label=label, shots=shots, negatives=negatives, base_shots=len(base_shots)
-        )
-        report.labels[label] = {
-            "shots": len(shots),
-            "base_shots": len(base_shots),
-            "negatives": 0 if negatives is None else len(negatives),
-            "unmatched_predictions": len(regions[label]),
-        }
-
-    # 4. PerSAM-F mask weights on every corrected example.
+        learned.labels[label], report.labels[label] = by_label.learn_label(label)
     if train_weights and seen:
-        examples = [Example(item.correction.image, item.masks) for item in seen]
-        for label, training in segmenter.train_mask_weights(learned, examples).items():
-            report.labels[label].update(
-                loss_before=float(training.loss_before),
-                loss_after=float(training.loss_after),
-                weights_seconds=float(training.seconds),
-            )
-
-    # 5. Thresholds, on leave-one-out predictions of the learned reference.
-    for label, label_ref in learned.labels.items():
-        scores, kept = _leave_one_out(
-            segmenter, label_ref, seen, shot_sources[label], regions[label], max_negatives
-        )
-        label_ref.score_threshold = calibrate_threshold(np.asarray(scores), np.asarray(kept))
-        report.labels[label].update(
-            threshold=label_ref.score_threshold,
-            calibration={"kept": int(np.sum(kept)), "not_kept": int(len(kept) - np.sum(kept))},
-        )
-
+        _train_mask_weights(segmenter, learned, seen, report)
+    _calibrate_thresholds(segmenter, learned, seen, by_label, max_negatives, report)
     report.seconds = time.perf_counter() - start
     report.version = model_version(learned)
     # No version in this line: the service logs the version it serves (which also hashes the mode
@@ -423,6 +358,130 @@ def learn(
     return learned, report
 
 
+def _base_predictions(
+    segmenter: OneShotSegmenter, base: Reference, seen: list[_Seen]
+) -> dict[tuple[str, int], list[Instance]]:
+    """What the base reference (:func:`base_reference`) predicts on every correction's image,
+    by ``(label, correction index)`` (features come from the segmenter's cache: no encoder pass
+    for an image seen before)."""
+    return {
+        (label, index): _segment_label(segmenter, item.features, label_ref)
+        for label, label_ref in base.labels.items()
+        for index, item in enumerate(seen)
+    }
+
+
+class _LabelLearning:
+    """The shots and negatives of each label, and what each came from (kept for the threshold's
+    leave-one-out predictions)."""
+
+    def __init__(
+        self,
+        segmenter: OneShotSegmenter,
+        base: Reference,
+        seen: list[_Seen],
+        predictions: dict[tuple[str, int], list[Instance]],
+        max_shots: int,
+        max_negatives: int,
+    ):
+        self.segmenter, self.base, self.seen = segmenter, base, seen
+        self.predictions, self.max_shots, self.max_negatives = predictions, max_shots, max_negatives
+        # The base has no tuned threshold: annotators were shown the configuration's.
+        self.threshold_shown = segmenter.config.score_threshold
+        self.seen_features = [
+            item.features.patch_features.cpu().numpy().astype(np.float16) for item in seen
+        ]
+        self.shot_sources: dict[str, list[int | None]] = {}
+        self.regions: dict[str, list[tuple[int, np.ndarray]]] = {}
+
+    def learn_label(self, label: str) -> tuple[LabelReference, dict]:
+        """``label``'s learned reference (threshold not yet calibrated) and its report figures.
+
+        *Shots*: the base shots stay first; corrections showing the label follow, worst
+        predicted first (``1 - IoU`` of the union of shown predictions with the union of
+        annotated masks), up to ``max_shots`` in all. A correction of the same image as a base
+        shot (the reference task itself) adds no shot. A label only corrections show gets shots
+        from them alone.
+
+        *Negatives*: every predicted instance, whatever its score, overlapping each annotated
+        mask of the label by less than :data:`DELETED_IOU` was deleted; the features of its
+        patch cells (those no annotated mask touches) join the label's negatives, at most
+        ``max_negatives`` rows (:func:`select_negatives`). They act at matching (points closer
+        to a negative than to the reference are dropped, and a target where most are is
+        rejected) and at scoring (:func:`matcher_core.scoring.score_proposals`).
+        """
+        seen = self.seen
+        base_shots = self.base.labels[label].shots if label in self.base.labels else []
+        chosen, sources = _choose_corrections(
+            label,
+            base_shots,
+            seen,
+            self.seen_features,
+            self.predictions,
+            self.threshold_shown,
+            self.max_shots,
+        )
+        shots = list(base_shots) + [
+            self.segmenter.make_shot(seen[index].features, seen[index].truth(label))
+            for index in chosen
+        ]
+        self.shot_sources[label] = sources
+        regions = self.regions[label] = _deleted_regions(label, seen, self.predictions)
+        negatives = select_negatives(regions, _object_features(shots), self.max_negatives)
+        label_ref = LabelReference(
+            label=label, shots=shots, negatives=negatives, base_shots=len(base_shots)
+        )
+        figures = {
+            "shots": len(shots),
+            "base_shots": len(base_shots),
+            "negatives": 0 if negatives is None else len(negatives),
+            "unmatched_predictions": len(regions),
+        }
+        return label_ref, figures
+
+
+def _train_mask_weights(
+    segmenter: OneShotSegmenter, learned: Reference, seen: list[_Seen], report: LearningReport
+) -> None:
+    """PerSAM-F mask weights (:meth:`OneShotSegmenter.train_mask_weights`) on every corrected
+    example, their losses and time in ``report``."""
+    examples = [Example(item.correction.image, item.masks) for item in seen]
+    for label, training in segmenter.train_mask_weights(learned, examples).items():
+        report.labels[label].update(
+            loss_before=float(training.loss_before),
+            loss_after=float(training.loss_after),
+            weights_seconds=float(training.seconds),
+        )
+
+
+def _calibrate_thresholds(
+    segmenter: OneShotSegmenter,
+    learned: Reference,
+    seen: list[_Seen],
+    labels: _LabelLearning,
+    max_negatives: int,
+    report: LearningReport,
+) -> None:
+    """Each label's ``score_threshold``: the learned reference predicts every correction again,
+    leaving out what that correction contributed (its shot and its negatives, so it is not
+    judged by itself); each instance is kept (IoU at least :data:`KEPT_IOU` with an annotated
+    mask) or not, and :func:`calibrate_threshold` picks the threshold."""
+    for label, label_ref in learned.labels.items():
+        scores, kept = _leave_one_out(
+            segmenter,
+            label_ref,
+            seen,
+            labels.shot_sources[label],
+            labels.regions[label],
+            max_negatives,
+        )
+        label_ref.score_threshold = calibrate_threshold(np.asarray(scores), np.asarray(kept))
+        report.labels[label].update(
+            threshold=label_ref.score_threshold,
+            calibration={"kept": int(np.sum(kept)), "not_kept": int(len(kept) - np.sum(kept))},
+        )
+
+
 def _choose_corrections(
     label: str,
     base_shots: list[Shot],
@@ -432,7 +491,7 @@ def _choose_corrections(
     threshold_shown: float,
     max_shots: int,
 ) -> tuple[list[int], list[int | None]]:
-    """Step 2: the corrections that become shots of ``label``, worst predicted first, and the
+    """The corrections that become shots of ``label``, worst predicted first, and the
     source (correction index, None for the reference's own) of every shot, base shots first."""
     sources: list[int | None] = [None] * len(base_shots)
     candidates = []
@@ -460,7 +519,7 @@ def _choose_corrections(
 def _deleted_regions(
     label: str, seen: list[_Seen], predictions: dict[tuple[str, int], list[Instance]]
 ) -> list[tuple[int, np.ndarray]]:
-    """Step 3: ``(correction index, patch cells)`` of every prediction of ``label`` that no
+    """``(correction index, patch cells)`` of every prediction of ``label`` that no
     annotated mask of it overlaps (a deletion)."""
     regions = []
     for index, item in enumerate(seen):
@@ -481,7 +540,7 @@ def _leave_one_out(
     regions: list[tuple[int, np.ndarray]],
     max_negatives: int,
 ) -> tuple[list[float], list[bool]]:
-    """Step 5: scores of the learned reference's predictions on every correction, leaving out
+    """Scores of the learned reference's predictions on every correction, leaving out
     what that correction contributed, and whether each was kept (matches an annotated mask)."""
     label = label_ref.label
     scores, kept = [], []

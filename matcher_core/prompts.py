@@ -135,20 +135,56 @@ def sample_prompts(
     matched_xy = np.asarray(matched_xy, dtype=np.float32).reshape(-1, 2)
     if len(matched_xy) == 0:
         raise ValueError("no matched points to sample prompts from")
-    max_points = max(1, config.max_points_per_prompt)
-    _, assignment = kmeans(matched_xy, config.num_clusters, rng)
+    members, centre_index = _clusters(matched_xy, config.num_clusters, rng)
+    prompt_sets = _prompt_sets(members, centre_index, config, rng)
+    count = len(prompt_sets)
+    width = max(len(ids) for _, ids, _ in prompt_sets)
+    points = np.zeros((count, width, 2), dtype=np.float32)
+    labels = np.full((count, width), PAD_LABEL, dtype=np.int64)
+    boxes = np.zeros((count, 4), dtype=np.float32) if config.use_box else None
+    for b, (_, point_ids, clusters) in enumerate(prompt_sets):
+        points[b, : len(point_ids)] = matched_xy[list(point_ids)]
+        labels[b, : len(point_ids)] = POSITIVE_LABEL
+        if boxes is not None:
+            support = np.concatenate([members[c] for c in clusters])
+            boxes[b] = _box_around(matched_xy[support], box_margin, image_size)
+    return PromptBatch(
+        points=points,
+        labels=labels,
+        boxes=boxes,
+        kinds=[kind for kind, _, _ in prompt_sets],
+        centres=matched_xy[centre_index].astype(np.float32),
+    )
+
+
+def _clusters(
+    matched_xy: np.ndarray, num_clusters: int, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[int]]:
+    """k-means clusters of the matched points, largest first: each one's member indices into
+    ``matched_xy`` and the index of its centre point (the member nearest its mean)."""
+    _, assignment = kmeans(matched_xy, num_clusters, rng)
     cluster_ids = np.arange(assignment.max() + 1)
     sizes = np.bincount(assignment)
     cluster_ids = cluster_ids[np.argsort(-sizes, kind="stable")]  # largest cluster first
     members = [np.flatnonzero(assignment == c) for c in cluster_ids]
-    centre_index = []  # index into matched_xy of each cluster's centre point
+    centre_index = []
     for member_ids in members:
         mean = matched_xy[member_ids].mean(0)
         nearest = ((matched_xy[member_ids] - mean) ** 2).sum(1).argmin()
         centre_index.append(int(member_ids[nearest]))
-    k = len(members)
+    return members, centre_index
 
-    # Each prompt set: (kind, indices into matched_xy, clusters it draws on).
+
+def _prompt_sets(
+    members: list[np.ndarray],
+    centre_index: list[int],
+    config: SegmenterConfig,
+    rng: np.random.Generator,
+) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """The part, instance and global prompt sets, each ``(kind, indices into matched_xy,
+    clusters it draws on)``; a set of points already drawn is not drawn again."""
+    max_points = max(1, config.max_points_per_prompt)
+    k = len(members)
     prompt_sets: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     seen: set[tuple[int, ...]] = set()
 
@@ -175,25 +211,7 @@ def sample_prompts(
             add("instance", [centre_index[c] for c in clusters], clusters)
     for _ in range(config.global_prompts):
         add("global", list(centre_index), list(range(k)))
-
-    count = len(prompt_sets)
-    width = max(len(ids) for _, ids, _ in prompt_sets)
-    points = np.zeros((count, width, 2), dtype=np.float32)
-    labels = np.full((count, width), PAD_LABEL, dtype=np.int64)
-    boxes = np.zeros((count, 4), dtype=np.float32) if config.use_box else None
-    for b, (_, point_ids, clusters) in enumerate(prompt_sets):
-        points[b, : len(point_ids)] = matched_xy[list(point_ids)]
-        labels[b, : len(point_ids)] = POSITIVE_LABEL
-        if boxes is not None:
-            support = np.concatenate([members[c] for c in clusters])
-            boxes[b] = _box_around(matched_xy[support], box_margin, image_size)
-    return PromptBatch(
-        points=points,
-        labels=labels,
-        boxes=boxes,
-        kinds=[kind for kind, _, _ in prompt_sets],
-        centres=matched_xy[centre_index].astype(np.float32),
-    )
+    return prompt_sets
 
 
 SUBSET_ENUMERATION_LIMIT = 8

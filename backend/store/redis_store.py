@@ -7,21 +7,19 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from labelstudio.redaction import redact_url
 
 from .state import (
     ProjectState,
-    StateChange,
+    StateWrite,
+    StoreBase,
     StoreError,
     StoreUnavailable,
-    apply_change,
     check_room,
     lock_lost,
-    state_bytes,
-    version_entry,
 )
 
 log = logging.getLogger("backend.store")
@@ -46,7 +44,7 @@ return total
 """
 
 
-class RedisStore:
+class RedisStore(StoreBase):
     """Shared store for several machines: one Redis (``REDIS_URL``)."""
 
     def __init__(
@@ -98,67 +96,42 @@ class RedisStore:
         with self._errors(f"loading project {project_id}"):
             return self._load_with(self.client, project_id)
 
-    def update(
+    def _atomically(
         self,
         project_id: str,
-        change: StateChange,
-        reason: str = "",
-        fence: tuple[str, str] | None = None,
+        fence: tuple[str, str] | None,
+        step: Callable[[StateWrite], ProjectState],
     ) -> ProjectState:
-        """Optimistic read-modify-write: ``WATCH`` the key (and the ``fence`` lock), apply
-        ``change``, ``MULTI``/``EXEC``; retried when another writer got there first.
-
-        Raises:
-            LockLost: ``fence`` is given and its lock is not held by its token.
-            StateTooLarge: the project would exceed ``max_project_bytes``.
-            StoreUnavailable: Redis cannot be reached; nothing was written.
-        """
-        key = self._key(project_id)
+        """Optimistic: ``WATCH`` the key (and the ``fence`` lock), run ``step``, which writes in
+        ``MULTI``/``EXEC``; retried when another writer got there first (see
+        :meth:`StoreBase.update`)."""
         watch_error = self._redis_module.exceptions.WatchError
         with self._errors(f"updating project {project_id}"):
             for _ in range(self.max_retries):
                 with self.client.pipeline() as pipe:
                     try:
-                        if fence is not None:
-                            lock_key = self._lock_key(fence[0])
-                            pipe.watch(key, lock_key)
-                            if pipe.get(lock_key) != fence[1].encode():
-                                raise lock_lost(fence[0])
-                        else:
-                            pipe.watch(key)
-                        current = self._load_with(pipe, project_id)
-                        new = apply_change(current, change)
-                        if new is None:
-                            return current
-                        header = json.dumps(new.header())
-                        if self.max_project_bytes is not None:
-                            before = pipe.hstrlen(key, "header") + pipe.hstrlen(key, "reference")
-                            check_room(
-                                project_id,
-                                self.max_project_bytes,
-                                before,
-                                state_bytes(header.encode(), new.reference),
-                                lambda: self._examples_bytes(pipe, project_id),
-                            )
-                        pipe.multi()
-                        pipe.hset(key, "header", header)
-                        if new.reference is None:
-                            pipe.hdel(key, "reference")
-                        else:
-                            pipe.hset(key, "reference", new.reference)
-                        pipe.sadd(f"{self.namespace}:projects", project_id)
-                        if new.model_version != current.model_version:
-                            pipe.rpush(
-                                self._key(project_id, "versions"),
-                                json.dumps(version_entry(new, reason)),
-                            )
-                        pipe.execute()
-                        return new
+                        self._watch(pipe, project_id, fence)
+                        return step(_RedisWrite(self, pipe, project_id))
                     except watch_error:
                         continue
             raise StoreError(
                 f"project {project_id}: gave up after {self.max_retries} conflicting writes"
             )
+
+    def _watch(self, pipe: Any, project_id: str, fence: tuple[str, str] | None) -> None:
+        """``WATCH`` the project's key, and the ``fence`` lock once it is held by its token.
+
+        Raises:
+            LockLost: ``fence``'s lock is not held by its token.
+        """
+        key = self._key(project_id)
+        if fence is None:
+            pipe.watch(key)
+            return
+        lock_key = self._lock_key(fence[0])
+        pipe.watch(key, lock_key)
+        if pipe.get(lock_key) != fence[1].encode():
+            raise lock_lost(fence[0])
 
     def _examples_bytes(self, client: Any, project_id: str, except_key: str = "") -> int:
         return int(
@@ -266,3 +239,33 @@ class RedisStore:
 
     def close(self) -> None:
         self.client.close()
+
+
+class _RedisWrite:
+    """A project's state inside a watched Redis pipeline (:class:`StateWrite`)."""
+
+    def __init__(self, store: RedisStore, pipe: Any, project_id: str):
+        self.store, self.pipe, self.project_id = store, pipe, project_id
+        self.key = store._key(project_id)
+
+    def load(self) -> ProjectState:
+        return self.store._load_with(self.pipe, self.project_id)
+
+    def state_bytes(self) -> int:
+        return self.pipe.hstrlen(self.key, "header") + self.pipe.hstrlen(self.key, "reference")
+
+    def examples_bytes(self) -> int:
+        return self.store._examples_bytes(self.pipe, self.project_id)
+
+    def write(self, state: ProjectState, header: str, version: dict | None) -> None:
+        pipe, key = self.pipe, self.key
+        pipe.multi()
+        pipe.hset(key, "header", header)
+        if state.reference is None:
+            pipe.hdel(key, "reference")
+        else:
+            pipe.hset(key, "reference", state.reference)
+        pipe.sadd(f"{self.store.namespace}:projects", self.project_id)
+        if version is not None:
+            pipe.rpush(self.store._key(self.project_id, "versions"), json.dumps(version))
+        pipe.execute()

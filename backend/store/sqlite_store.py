@@ -9,19 +9,17 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .state import (
     ProjectState,
-    StateChange,
+    StateWrite,
+    StoreBase,
     StoreError,
     StoreUnavailable,
-    apply_change,
     check_room,
     lock_lost,
-    state_bytes,
-    version_entry,
 )
 
 log = logging.getLogger("backend.store")
@@ -54,7 +52,7 @@ CREATE TABLE IF NOT EXISTS locks (
 """
 
 
-class SQLiteStore:
+class SQLiteStore(StoreBase):
     """Embedded store: one SQLite file (WAL) shared by the processes of one machine."""
 
     def __init__(
@@ -138,52 +136,22 @@ class SQLiteStore:
         except sqlite3.Error as error:
             raise StoreError(f"state store {self.path}: {error}") from error
 
-    def update(
+    def _atomically(
         self,
         project_id: str,
-        change: StateChange,
-        reason: str = "",
-        fence: tuple[str, str] | None = None,
+        fence: tuple[str, str] | None,
+        step: Callable[[StateWrite], ProjectState],
     ) -> ProjectState:
-        """Atomically replace the project's state by ``change(state)``; returns the state now
-        stored. A new model version is appended to the history in the same transaction.
-
-        Args:
-            fence: ``(lock name, token)``: write only if that token holds that lock (unexpired).
+        """One ``BEGIN IMMEDIATE`` transaction (see :meth:`StoreBase.update`).
 
         Raises:
-            LockLost: ``fence`` is given and its lock is not held by its token.
-            StateTooLarge: the project would exceed ``max_project_bytes``.
             StoreError: SQLite failed (disk full, I/O error...); nothing was written.
         """
         try:
             with self._transaction() as conn:
                 if fence is not None and not self._holds(conn, *fence):
                     raise lock_lost(fence[0])
-                current = self._load_with(conn, project_id)
-                new = apply_change(current, change)
-                if new is None:
-                    return current
-                header = json.dumps(new.header())
-                check_room(
-                    project_id,
-                    self.max_project_bytes,
-                    self._state_bytes_with(conn, project_id),
-                    state_bytes(header, new.reference),
-                    lambda: self._examples_bytes_with(conn, project_id),
-                )
-                conn.execute(
-                    "INSERT INTO projects (project_id, header, reference) VALUES (?, ?, ?) "
-                    "ON CONFLICT (project_id) DO UPDATE SET header = excluded.header, "
-                    "reference = excluded.reference",
-                    (project_id, header, new.reference),
-                )
-                if new.model_version != current.model_version:
-                    conn.execute(
-                        "INSERT INTO versions (project_id, entry) VALUES (?, ?)",
-                        (project_id, json.dumps(version_entry(new, reason))),
-                    )
-                return new
+                return step(_SQLiteWrite(conn, project_id))
         except sqlite3.Error as error:
             raise StoreError(f"state store {self.path}: {error}") from error
 
@@ -348,3 +316,32 @@ class SQLiteStore:
                     conn.close()
             self._connections.clear()
         self._local = threading.local()
+
+
+class _SQLiteWrite:
+    """A project's state inside a SQLite write transaction (:class:`StateWrite`)."""
+
+    def __init__(self, conn: sqlite3.Connection, project_id: str):
+        self.conn, self.project_id = conn, project_id
+
+    def load(self) -> ProjectState:
+        return SQLiteStore._load_with(self.conn, self.project_id)
+
+    def state_bytes(self) -> int:
+        return SQLiteStore._state_bytes_with(self.conn, self.project_id)
+
+    def examples_bytes(self) -> int:
+        return SQLiteStore._examples_bytes_with(self.conn, self.project_id)
+
+    def write(self, state: ProjectState, header: str, version: dict | None) -> None:
+        self.conn.execute(
+            "INSERT INTO projects (project_id, header, reference) VALUES (?, ?, ?) "
+            "ON CONFLICT (project_id) DO UPDATE SET header = excluded.header, "
+            "reference = excluded.reference",
+            (self.project_id, header, state.reference),
+        )
+        if version is not None:
+            self.conn.execute(
+                "INSERT INTO versions (project_id, entry) VALUES (?, ?)",
+                (self.project_id, json.dumps(version)),
+            )

@@ -26,6 +26,7 @@ Every write is atomic: :meth:`StateStore.update` runs a read-modify-write in one
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -241,3 +242,84 @@ def lock_lost(name: str) -> LockLost:
     return LockLost(
         f"lock {name} is no longer held by this writer (its lease expired); nothing was written"
     )
+
+
+class StateWrite(Protocol):
+    """One store's view of a project inside a write transaction (see :class:`StoreBase`)."""
+
+    def load(self) -> ProjectState:
+        """The project's state as the transaction sees it."""
+
+    def state_bytes(self) -> int:
+        """Bytes of the project's state (header and reference) stored now."""
+
+    def examples_bytes(self) -> int:
+        """Bytes of the project's stored examples."""
+
+    def write(self, state: ProjectState, header: str, version: dict | None) -> None:
+        """Store ``state`` (its ``header`` JSON given) and append ``version`` to the history."""
+
+
+class StoreBase:
+    """What both stores share: :meth:`update`'s read-modify-write, on the transaction each
+    store supplies (:meth:`_atomically`)."""
+
+    max_project_bytes: int | None = None
+
+    def update(
+        self,
+        project_id: str,
+        change: StateChange,
+        reason: str = "",
+        fence: tuple[str, str] | None = None,
+    ) -> ProjectState:
+        """Atomically replace the project's state by ``change(state)``; returns the state now
+        stored. A new model version is appended to the history in the same transaction.
+
+        Args:
+            fence: ``(lock name, token)``: write only if that token holds that lock (unexpired).
+
+        Raises:
+            LockLost: ``fence`` is given and its lock is not held by its token.
+            StateTooLarge: the project would exceed ``max_project_bytes``.
+            StoreUnavailable: the store cannot be reached; nothing was written.
+            StoreError: the store failed (disk full, I/O error...); nothing was written.
+        """
+
+        def step(write: StateWrite) -> ProjectState:
+            return write_state(write, project_id, change, reason, self.max_project_bytes)
+
+        return self._atomically(project_id, fence, step)
+
+    def _atomically(
+        self,
+        project_id: str,
+        fence: tuple[str, str] | None,
+        step: Callable[[StateWrite], ProjectState],
+    ) -> ProjectState:
+        """Run ``step`` in one write transaction of ``project_id`` (held only while ``fence``'s
+        token holds its lock); what it writes is committed together or not at all."""
+        raise NotImplementedError
+
+
+def write_state(
+    write: StateWrite, project_id: str, change: StateChange, reason: str, limit: int | None
+) -> ProjectState:
+    """The read-modify-write of :meth:`StoreBase.update` inside a transaction: ``change``
+    applied, the byte cap checked, the state and a new version written."""
+    current = write.load()
+    new = apply_change(current, change)
+    if new is None:
+        return current
+    header = json.dumps(new.header())
+    if limit is not None:
+        check_room(
+            project_id,
+            limit,
+            write.state_bytes(),
+            state_bytes(header.encode(), new.reference),
+            write.examples_bytes,
+        )
+    changed = new.model_version != current.model_version
+    write.write(new, header, version_entry(new, reason) if changed else None)
+    return new

@@ -46,6 +46,15 @@ def test_defaults_fit_the_hardware():
     assert tiny.segmenter_config().random_weights is True
 
 
+def test_the_service_and_the_command_line_share_the_engines_model_dir_default():
+    from matcher_core.config import SegmenterConfig
+
+    settings = Settings.from_env({"DEVICE": "cpu"})
+    assert settings.model_dir == SegmenterConfig().model_dir == "~/.cache/oneshot-labeler"
+    assert settings.segmenter_config().model_dir == SegmenterConfig().model_dir
+    assert Settings.from_env({"DEVICE": "cpu", "MODEL_DIR": "/data/m"}).model_dir == "/data/m"
+
+
 def test_explicit_settings_reach_the_engine_configuration():
     settings = Settings.from_env(
         {
