@@ -28,7 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from labelstudio.brush import mask_to_rle  # noqa: E402
 from matcher_core import Example, OneShotSegmenter, SegmenterConfig  # noqa: E402
+from matcher_core.config import ENCODER_RUNTIMES  # noqa: E402
 from matcher_core.imageio import load_image, load_label_mask  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "oneshot_seg_real"
@@ -42,10 +44,8 @@ def load_pair(folder: Path, index: int) -> tuple[np.ndarray, np.ndarray]:
 
 def brush_results(instances, size) -> None:
     """Encode the instances as Label Studio brush RLE (what /predict returns)."""
-    from label_studio_sdk.converter.brush import mask2rle
-
     for instance in instances:
-        mask2rle(instance.mask.astype(np.uint8) * 255)
+        mask_to_rle(instance.mask)
 
 
 def synchronize(segmenter: OneShotSegmenter) -> None:
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--model-dir", default="/tmp/bench-models")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--runtime", default="torch", help="encoder runtime: torch | onnx | onnx_int8 (CPU)"
+        "--runtime", default="torch", choices=ENCODER_RUNTIMES, help="encoder runtime (CPU)"
     )
     parser.add_argument(
         "--autocast", default=None, help="CUDA autocast dtype for the whole call: bf16 | fp16"

@@ -11,9 +11,9 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
-from label_studio_sdk.converter.brush import mask2rle
 
 from .annotations import check_image_size
+from .brush import mask_to_rle
 from .schema import (
     BRUSH,
     POLYGON,
@@ -98,7 +98,7 @@ def _result_id(identity: str, mask: np.ndarray) -> str:
 
 def _output_values(result_type: str, mask: np.ndarray, height: int, width: int) -> list[dict]:
     if result_type == BRUSH:
-        return [{"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255)}]
+        return [{"format": "rle", "rle": mask_to_rle(mask)}]
     if result_type == POLYGON:
         return [{"points": points, "closed": True} for points in mask_to_polygons(mask)]
     if result_type == RECTANGLE:
