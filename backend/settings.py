@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from labelstudio.redaction import redact_url
 from matcher_core.config import (
+    DECODER_PRECISIONS,
     ENCODER_RUNTIMES,
     PRESETS,
     TINY_MODELS,
@@ -223,7 +224,10 @@ class Settings:
     absence_margin: float | None = None
     """``ABSENCE_MARGIN``: the absence test's scale-free margin (``None``: the engine's, 0)."""
     encoder_runtime: str = "torch"
-    """``ENCODER_RUNTIME``: ``torch``, ``onnx`` or ``onnx_int8`` (CPU; exported once, cached)."""
+    """``ENCODER_RUNTIME``: ``torch``, ``onnx``, ``onnx_int8``, ``openvino`` or ``openvino_bf16``
+    (CPU; exported once, cached)."""
+    decoder_precision: str = "float32"
+    """``DECODER_PRECISION``: SAM's decoder in ``float32`` or under ``bfloat16`` autocast."""
 
     @classmethod
     def from_env(
@@ -275,6 +279,7 @@ class Settings:
             config = config.replace(absence_margin=self.absence_margin)
         return config.replace(
             encoder_runtime=self.encoder_runtime,
+            decoder_precision=self.decoder_precision,
             sam_checkpoint=self.sam_checkpoint,
             encoder_checkpoint=self.encoder_checkpoint,
             device=self.device,
@@ -345,6 +350,7 @@ def _model_settings(env: Mapping[str, str]) -> dict:
             else None
         ),
         "encoder_runtime": _choice(env, "ENCODER_RUNTIME", "torch", ENCODER_RUNTIMES),
+        "decoder_precision": _choice(env, "DECODER_PRECISION", "float32", DECODER_PRECISIONS),
     }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .config import ENCODER_RUNTIMES, PRESETS, SegmenterConfig
+from .config import DECODER_PRECISIONS, ENCODER_RUNTIMES, PRESETS, SegmenterConfig
 from .datasets import IMAGE_SUFFIXES
 from .imageio import ImageError, load_image, load_label_mask
 
@@ -34,7 +34,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--encoder-runtime",
         choices=ENCODER_RUNTIMES,
         default=defaults.encoder_runtime,
-        help="CPU runtime of the image encoders (onnx: ONNX Runtime, exported once)",
+        help="CPU runtime of the image encoders (onnx: ONNX Runtime, openvino: OpenVINO; "
+        "exported once)",
+    )
+    group.add_argument(
+        "--decoder-precision",
+        choices=DECODER_PRECISIONS,
+        default=defaults.decoder_precision,
+        help="SAM's decoder in float32 or under bfloat16 autocast (faster on bf16 hardware)",
     )
     group.add_argument("--sam-checkpoint", help="SAM checkpoint file (default: official download)")
     group.add_argument(
@@ -70,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> SegmenterConfig:
         encoder_input_size=size,
         device=args.device,
         encoder_runtime=args.encoder_runtime,
+        decoder_precision=args.decoder_precision,
         model_dir=args.model_dir,
         random_weights=args.random_weights,
         score_threshold=args.score_threshold,

@@ -13,6 +13,8 @@ from typing import Any, Literal
 Mode = Literal["matcher", "persam"]
 ENCODER_RUNTIMES = ("torch", "onnx", "onnx_int8", "openvino", "openvino_bf16")
 """Values of :attr:`SegmenterConfig.encoder_runtime` (:mod:`matcher_core.runtime`)."""
+DECODER_PRECISIONS = ("float32", "bfloat16")
+"""Values of :attr:`SegmenterConfig.decoder_precision`."""
 
 
 @dataclass
@@ -45,6 +47,11 @@ class SegmenterConfig:
     """How the image encoders run on a CPU: PyTorch eager, ONNX Runtime (exported once into
     ``model_dir``; ``onnx_int8``: int8 MatMul weights) or OpenVINO on the same export
     (``openvino`` fp32, ``openvino_bf16`` bfloat16). Ignored on CUDA (``runtime.py``)."""
+    decoder_precision: Literal["float32", "bfloat16"] = "float32"
+    """SAM's prompt encoder + mask decoder in ``float32``, or under ``bfloat16`` autocast (matrix
+    products and convolutions in bfloat16, normalisations and softmax in float32; outputs
+    float32): faster where the hardware has bfloat16 (AVX512-BF16 / AMX CPUs, recent GPUs), with
+    a measured mask drift (BENCHMARKS.md). PerSAM-F's training loop stays float32."""
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
     model_dir: str = "~/.cache/oneshot-labeler"

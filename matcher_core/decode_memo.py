@@ -51,8 +51,8 @@ def _digest(*parts) -> str:
 class MemoSamDecoder(SamDecoder):
     """:class:`SamDecoder` whose :meth:`decode` remembers its last ``max_bytes`` of outputs."""
 
-    def __init__(self, sam, max_bytes: int = 256 * 1024 * 1024):
-        super().__init__(sam)
+    def __init__(self, sam, max_bytes: int = 256 * 1024 * 1024, precision: str = "float32"):
+        super().__init__(sam, precision)
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[int, str], DecoderOutput] = OrderedDict()
         self._bytes = 0

@@ -35,6 +35,7 @@ The hooks follow the released PerSAM code (``per_segment_anything/modeling/trans
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -173,8 +174,12 @@ def _two_way_block(
 class SamDecoder:
     """SAM's prompt encoder + mask decoder over a batch of prompt sets for one image."""
 
-    def __init__(self, sam: nn.Module):
+    def __init__(self, sam: nn.Module, precision: str = "float32"):
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"unknown decoder precision {precision!r}; float32 or bfloat16")
         self.sam = sam
+        self.precision = precision
+        """``float32``, or ``bfloat16`` autocast (``SegmenterConfig.decoder_precision``)."""
         self.img_size: int = sam.image_encoder.img_size
         self.mask_threshold: float = sam.mask_threshold
         self._dense_pe: torch.Tensor | None = None
@@ -238,14 +243,46 @@ class SamDecoder:
             semantic_prompt: ``published`` (the released code's arithmetic: the target also
                 stays in the tokens' positional term of every block and enters the final
                 attention twice) or ``queries_only``; see the module docstring.
+
+        Returns float32 outputs whatever :attr:`precision`.
         """
         if semantic_prompt not in ("published", "queries_only"):
             raise ValueError(f"unknown semantic_prompt {semantic_prompt!r}")
         device = self.device
+        # Only entered for bfloat16: a disabled autocast would also switch off a caller's.
+        precision = (
+            torch.autocast(device.type, torch.bfloat16)
+            if self.precision == "bfloat16"
+            else contextlib.nullcontext()
+        )
+        with precision:
+            tokens = self._prompt_tokens(point_coords, point_labels, boxes, mask_input, device)
+            keys = self._image_tokens(embedding, mask_input, device)
+            prior = None
+            if attn_sim is not None:
+                prior = attn_sim.to(device, torch.float32).reshape(1, 1, 1, keys.shape[1])
+            target = None
+            if target_embedding is not None:
+                target = torch.as_tensor(target_embedding, dtype=torch.float32, device=device)
+                target = target.reshape(1, 1, keys.shape[2])
+            queries, keys = self._transformer(tokens, keys, prior, target, semantic_prompt)
+            logits, iou = self._predict_masks(queries, keys, embedding.shape[-2:])
+        selected = slice(1, None) if multimask else slice(0, 1)
+        return DecoderOutput(
+            low_res_logits=logits[:, selected].float(), iou_predictions=iou[:, selected].float()
+        )
+
+    def _prompt_tokens(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """``(B, 5 + prompts, C)``: SAM's output tokens then the sparse prompt embeddings."""
         prompt_encoder = self.sam.prompt_encoder
         decoder = self.sam.mask_decoder
-        transformer = decoder.transformer
-
         points = None
         if point_coords is not None:
             points = (point_coords.to(device, torch.float32), point_labels.to(device, torch.int64))
@@ -254,35 +291,40 @@ class SamDecoder:
             count = mask_input.shape[0] if mask_input is not None else 1
             sparse = torch.empty((count, 0, prompt_encoder.embed_dim), device=device)
         else:
-            # The mask prompt is embedded below, without the stock per-set expansion.
+            # The mask prompt is embedded in _image_tokens, without the stock per-set expansion.
             sparse, _ = prompt_encoder(points=points, boxes=boxes, masks=None)
         count = sparse.shape[0]
         self.prompt_sets_decoded += count
+        if mask_input is not None and mask_input.shape[0] != count:
+            raise ValueError(f"{mask_input.shape[0]} mask inputs for {count} prompt sets")
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        return torch.cat([output_tokens.expand(count, -1, -1), sparse], dim=1)
 
-        # Image tokens, a batch of one while no mask prompt makes them differ per set.
+    def _image_tokens(
+        self, embedding: torch.Tensor, mask_input: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor:
+        """``(1 or B, He * We, C)`` image tokens: a batch of one while no mask prompt makes them
+        differ per set."""
+        prompt_encoder = self.sam.prompt_encoder
         if mask_input is not None:
-            if mask_input.shape[0] != count:
-                raise ValueError(f"{mask_input.shape[0]} mask inputs for {count} prompt sets")
             dense = prompt_encoder.mask_downscaling(mask_input.to(device, torch.float32))
         else:
             dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         src = embedding.to(device, torch.float32)[None] + dense
-        _, channels, height, width = src.shape
-        keys = src.flatten(2).transpose(1, 2)  # (1 or B, He*We, C)
-        key_pe = self._image_pe(device)
+        return src.flatten(2).transpose(1, 2)
 
-        prior = None
-        if attn_sim is not None:
-            prior = attn_sim.to(device, torch.float32).reshape(1, 1, 1, height * width)
-        target = None
-        if target_embedding is not None:
-            target = torch.as_tensor(target_embedding, dtype=torch.float32, device=device)
-            target = target.reshape(1, 1, channels)
-
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.expand(count, -1, -1), sparse], dim=1)
-
-        # TwoWayTransformer.forward
+    def _transformer(
+        self,
+        tokens: torch.Tensor,
+        keys: torch.Tensor,
+        prior: torch.Tensor | None,
+        target: torch.Tensor | None,
+        semantic_prompt: SemanticPrompt,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``TwoWayTransformer.forward`` with PerSAM's hooks (module docstring): the updated
+        ``(B, T, C)`` tokens and ``(B, He * We, C)`` image tokens."""
+        transformer = self.sam.mask_decoder.transformer
+        key_pe = self._image_pe(keys.device)
         queries, query_pe = tokens, tokens
         if target is not None and semantic_prompt == "published" and len(transformer.layers):
             # The released code's in-place `queries += target` before the first block also
@@ -297,11 +339,18 @@ class SamDecoder:
         if target is not None:
             q = q + target
         final = _attend(transformer.final_attn_token_to_image, q, keys + key_pe, keys)
-        queries = transformer.norm_final_attn(queries + final)
+        return transformer.norm_final_attn(queries + final), keys
 
-        # MaskDecoder.predict_masks after the transformer
+    def _predict_masks(
+        self, queries: torch.Tensor, keys: torch.Tensor, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``MaskDecoder.predict_masks`` after the transformer: ``(B, 4, 4 He, 4 We)`` logits
+        and ``(B, 4)`` IoU predictions of all 4 mask tokens."""
+        decoder = self.sam.mask_decoder
+        count = queries.shape[0]
+        height, width = grid
         keys = keys.expand(count, -1, -1)  # a no-op unless the transformer had no block
-        image = keys.transpose(1, 2).reshape(count, channels, height, width)
+        image = keys.transpose(1, 2).reshape(count, keys.shape[2], height, width)
         upscaled = decoder.output_upscaling(image)
         mask_tokens = queries[:, 1 : 1 + decoder.num_mask_tokens]
         hyper_in = torch.stack(
@@ -310,10 +359,7 @@ class SamDecoder:
         )
         b, c, h, w = upscaled.shape
         masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
-        iou = decoder.iou_prediction_head(queries[:, 0])
-
-        selected = slice(1, None) if multimask else slice(0, 1)
-        return DecoderOutput(low_res_logits=masks[:, selected], iou_predictions=iou[:, selected])
+        return masks, decoder.iou_prediction_head(queries[:, 0])
 
     def upscale_to_input(
         self, low_res_logits: torch.Tensor, input_size: tuple[int, int]

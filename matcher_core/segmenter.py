@@ -69,7 +69,9 @@ class OneShotSegmenter:
         )
         if config.encoder_runtime != "torch" and self.device.type == "cpu":
             self._accelerate_encoders()
-        self.decoder = MemoSamDecoder(self.sam, config.decoder_memo_bytes)
+        self.decoder = MemoSamDecoder(
+            self.sam, config.decoder_memo_bytes, precision=config.decoder_precision
+        )
         self.cache = EmbeddingCache(config.cache_bytes)
         encoder_id = (
             "sam"

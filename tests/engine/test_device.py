@@ -38,18 +38,22 @@ def model_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("device"))
 
 
-@pytest.mark.parametrize("autocast", [None, "bf16"])
+@pytest.mark.parametrize("autocast", [None, "bf16", "decoder_bf16"])
 @pytest.mark.parametrize("preset", ["fast", "persam", "persam_f"])
 @pytest.mark.parametrize("sam_type", ["tiny", "mobile_sam_tiny"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_mode_on_every_device(model_dir, device, sam_type, preset, autocast):
+    """``bf16``: the caller's autocast around everything; ``decoder_bf16``: the engine's own
+    ``decoder_precision="bfloat16"``."""
     (ref_image, ref_mask), (target, _) = _scene()
     config = tiny_config(model_dir=model_dir, sam_type=sam_type, device=device)
+    if autocast == "decoder_bf16":
+        config = config.replace(decoder_precision="bfloat16")
     segmenter = OneShotSegmenter(config.with_preset(preset).replace(min_instance_area=1))
     assert segmenter.sam.image_encoder.neck[0].weight.device.type == device
     context = (
         torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-        if autocast
+        if autocast == "bf16"
         else contextlib.nullcontext()
     )
     with context:

@@ -87,8 +87,9 @@ def test_batched_decoding_equals_one_prompt_set_at_a_time(segmenter, monkeypatch
             segmenter.decoder, features.sam_embedding, batch, (90, 160), "all", crop
         )
 
+    monkeypatch.setattr(proposals_module, "CPU_DECODER_CHUNK", 64)
     batched = decode()
-    monkeypatch.setattr(proposals_module, "DECODER_CHUNK", 1)
+    monkeypatch.setattr(proposals_module, "CPU_DECODER_CHUNK", 1)
     single = decode()
     torch.testing.assert_close(batched.logits, single.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batched.iou, single.iou, atol=1e-5, rtol=1e-5)

@@ -311,3 +311,22 @@ def test_the_published_and_clean_semantic_prompts_differ(decoder, embedding):
     published = decoder.decode(embedding, **prompts, **hooks, semantic_prompt="published")
     clean = decoder.decode(embedding, **prompts, **hooks, semantic_prompt="queries_only")
     assert (published.low_res_logits - clean.low_res_logits).abs().max() > 1e-4
+
+
+def test_bfloat16_precision_returns_float32_close_to_float32_decoding(decoder, embedding):
+    bf16 = SamDecoder(decoder.sam, precision="bfloat16")
+    prompts = _prompts(decoder, 6)
+    hooks = dict(attn_sim=torch.rand(*decoder.embedding_size), target_embedding=embedding[:, 0, 0])
+    for kwargs in ({}, hooks):  # Matcher's calls and PerSAM's hooked ones
+        exact = decoder.decode(embedding, multimask=True, **prompts, **kwargs)
+        approx = bf16.decode(embedding, multimask=True, **prompts, **kwargs)
+        assert approx.low_res_logits.dtype == approx.iou_predictions.dtype == torch.float32
+        a, b = exact.low_res_logits > 0, approx.low_res_logits > 0
+        iou = (a & b).sum() / (a | b).sum().clamp(min=1)
+        assert float(iou) >= 0.9  # bfloat16 rounding; the real-size drift is in BENCHMARKS.md
+        assert not torch.equal(exact.low_res_logits, approx.low_res_logits)  # it did run bf16
+
+
+def test_an_unknown_decoder_precision_is_refused(decoder):
+    with pytest.raises(ValueError, match="precision"):
+        SamDecoder(decoder.sam, precision="float16")

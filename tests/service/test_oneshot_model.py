@@ -425,3 +425,13 @@ def test_absence_test_margin_and_encoder_runtime_reach_the_engine_and_a_preset_n
     assert persam.mode == "persam" and not persam.absence_test
     with pytest.raises(SettingsError, match="ENCODER_RUNTIME"):
         Settings.from_env({"ENCODER_RUNTIME": "tensorrt", "DEVICE": "cpu"})
+
+
+def test_decoder_precision_and_openvino_runtime_reach_the_engine():
+    config = Settings.from_env(
+        {"DECODER_PRECISION": "bfloat16", "ENCODER_RUNTIME": "openvino_bf16", "DEVICE": "cpu"}
+    ).segmenter_config()
+    assert (config.decoder_precision, config.encoder_runtime) == ("bfloat16", "openvino_bf16")
+    assert Settings.from_env({"DEVICE": "cpu"}).segmenter_config().decoder_precision == "float32"
+    with pytest.raises(SettingsError, match="DECODER_PRECISION"):
+        Settings.from_env({"DECODER_PRECISION": "int4", "DEVICE": "cpu"})
