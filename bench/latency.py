@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from labelstudio.brush import mask_to_rle  # noqa: E402
 from matcher_core import Example, OneShotSegmenter, SegmenterConfig  # noqa: E402
-from matcher_core.config import ENCODER_RUNTIMES  # noqa: E402
+from matcher_core.config import DECODER_PRECISIONS, ENCODER_RUNTIMES  # noqa: E402
 from matcher_core.imageio import load_image, load_label_mask  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "oneshot_seg_real"
@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument(
         "--runtime", default="torch", choices=ENCODER_RUNTIMES, help="encoder runtime (CPU)"
     )
+    parser.add_argument("--decoder-precision", default="float32", choices=DECODER_PRECISIONS)
     parser.add_argument(
         "--autocast", default=None, help="CUDA autocast dtype for the whole call: bf16 | fp16"
     )
@@ -100,6 +101,7 @@ def main() -> None:
         model_dir=args.model_dir,
         device=args.device,
         encoder_runtime=args.runtime,
+        decoder_precision=args.decoder_precision,
     )
     folder = Path(args.folder)
     ref_image, ref_mask = load_pair(folder, 0)
@@ -107,7 +109,7 @@ def main() -> None:
 
     print(
         f"# latency: SAM {args.sam_type}, encoder {args.encoder}@{args.encoder_input_size}, "
-        f"runtime {args.runtime}, autocast {args.autocast}, "
+        f"runtime {args.runtime}, decoder {args.decoder_precision}, autocast {args.autocast}, "
         f"random weights, device {args.device}, torch {torch.__version__}, "
         f"load average {os.getloadavg()[0]:.2f} at start, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "

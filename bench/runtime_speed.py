@@ -1,5 +1,6 @@
 """SAM choices and encoder runtimes: parameters, checkpoint size, CPU seconds per image in PyTorch
-eager and ONNX Runtime (fp32, int8), and the runtime's accuracy against PyTorch fp32.
+eager and the accelerated runtimes (ONNX Runtime fp32 / int8, OpenVINO fp32 / bf16), and each
+runtime's accuracy against PyTorch fp32 (and the bfloat16 decoder's against the float32 one).
 
 Real-size architectures with random weights (a forward pass costs the same whatever the weights);
 each random state dict is saved once into ``--model-dir`` and loaded through ``models.py`` like a
@@ -49,12 +50,16 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def mask_agreement(decoder: SamDecoder, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+def mask_agreement(
+    decoder: SamDecoder, a: torch.Tensor, b: torch.Tensor, other: SamDecoder | None = None
+) -> tuple[float, float]:
+    """Masks of embedding ``a`` by ``decoder`` against those of ``b`` by ``other`` (default the
+    same decoder)."""
     g = torch.Generator().manual_seed(0)
     coords = torch.rand(16, 1, 2, generator=g) * decoder.img_size * 0.6
     labels = torch.ones(16, 1, dtype=torch.int64)
     ma = decoder.decode(a, coords, labels, None, multimask=True).low_res_logits > 0
-    mb = decoder.decode(b, coords, labels, None, multimask=True).low_res_logits > 0
+    mb = (other or decoder).decode(b, coords, labels, None, multimask=True).low_res_logits > 0
     union = (ma | mb).flatten(1).sum(1).clamp(min=1)
     per_mask = (ma & mb).flatten(1).sum(1) / union
     total = float((ma & mb).sum() / (ma | mb).sum().clamp(min=1))
@@ -91,6 +96,10 @@ def main() -> None:
         eager = best_of(lambda encoder=encoder: encoder(image), args.repeats)
         reference, _ = encoder(image)
         decoder = SamDecoder(sam)
+        bf16_iou, bf16_min = mask_agreement(
+            decoder, reference, reference, SamDecoder(sam, "bfloat16")
+        )
+        accuracy.append((sam_type, "decoder bfloat16", 0.0, 0.0, bf16_iou, bf16_min))
         row = {"model": f"SAM {sam_type}", "params": params, "size": size, "torch": eager}
         identity = f"{sam_type}:{rt.checkpoint_identity(checkpoint, sam_type)}"
         torch_encoder = sam.image_encoder
@@ -151,14 +160,15 @@ def main() -> None:
     rows.append(row)
 
     names = " | ".join(args.runtimes)
-    print(f"| model | parameters (M) | checkpoint (MiB) | torch s | {names} s | torch / onnx |")
-    print("|---|---:|---:|---:|" + "---:|" * len(args.runtimes) + "---:|")
+    ratios = " | ".join(f"torch / {r}" for r in args.runtimes)
+    print(f"| model | parameters (M) | checkpoint (MiB) | torch s | {names} s | {ratios} |")
+    print("|---|---:|---:|---:|" + "---:|" * (2 * len(args.runtimes)))
     for row in rows:
         times = " | ".join(f"{row[r]:.2f}" for r in args.runtimes)
-        ratio = row["torch"] / row[args.runtimes[0]]
+        speedups = " | ".join(f"{row['torch'] / row[r]:.2f}x" for r in args.runtimes)
         print(
             f"| {row['model']} | {row['params']:.1f} | {row['size']:.0f} | {row['torch']:.2f} | "
-            f"{times} | {ratio:.2f}x |"
+            f"{times} | {speedups} |"
         )
     print(
         "\n| model | runtime | embedding rel. L2 error | max abs error | "
