@@ -88,8 +88,9 @@ def main() -> None:
         "--configs",
         nargs="+",
         default=["fast", "fast-persam"],
-        help="fast / fast-persam (the product's defaults in Matcher / PerSAM mode) or a "
-        "published preset (fss, coco, lvis, part, persam, persam_f)",
+        help="fast / fast-persam (the product's defaults in Matcher / PerSAM mode), "
+        "fast-persam-decoding (absence test off) or a published preset (fss, coco, lvis, part, "
+        "persam, persam_f)",
     )
     args = parser.parse_args()
 
@@ -136,10 +137,21 @@ def main() -> None:
     )
 
 
+def config_named(base: SegmenterConfig, name: str) -> SegmenterConfig:
+    """``fast-persam``: the product's PerSAM mode; ``fast-persam-decoding``: the same with the
+    absence test off, so that random weights still decode (they fail the test and decode
+    nothing); else a preset."""
+    if name == "fast-persam":
+        return base.replace(mode="persam")
+    if name == "fast-persam-decoding":
+        return base.replace(mode="persam", absence_test=False)
+    return base.with_preset(name)
+
+
 def measure(args, base, ref_image, ref_mask, targets) -> list:
     rows = []
     for mode in args.configs:
-        config = base.replace(mode="persam") if mode == "fast-persam" else base.with_preset(mode)
+        config = config_named(base, mode)
         segmenter = OneShotSegmenter(config)
         reference = segmenter.build_reference([Example(ref_image, {"object": [ref_mask]})])
         # Process warm-up (first-call allocations and kernel selection happen once per server
