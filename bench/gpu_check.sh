@@ -3,11 +3,13 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]
 #
-# 1. the device-parametrised tests on cuda (every mode, tiny models, fp32 and bf16 autocast);
+# 1. the device-parametrised tests on cuda (every mode, tiny models, fp32, bf16 autocast and the
+#    bfloat16 decoder);
 # 2. bench/latency.py --device cuda: SAM vit_h + DINOv2-L (the GPU defaults) and MobileSAM +
-#    DINOv2-S, each in fp32 and under bf16 and fp16 autocast (per-stage seconds, peak GPU memory);
+#    DINOv2-S, each in fp32 and under bf16 and fp16 autocast, and MobileSAM with the bfloat16
+#    decoder (per-stage seconds, peak GPU memory);
 # 3. encoder batching: features_many over 8 images in batches of 1, 4 and 8;
-# 4. bench/runtime_speed.py is CPU-only (ONNX Runtime); not run here.
+# 4. bench/runtime_speed.py is CPU-only (ONNX Runtime, OpenVINO); not run here.
 # Random weights throughout (a forward pass costs the same whatever the weights).
 set -u
 OUT=${1:-${OUT:-/tmp/gpu_check}}
@@ -34,6 +36,8 @@ for cast in none bf16 fp16; do
   run "vit_h-dinov2L-$cast" --sam-type vit_h --encoder vit_large_patch14_dinov2.lvd142m ${extra[@]+"${extra[@]}"}
   run "mobile_sam-dinov2S-$cast" --sam-type mobile_sam ${extra[@]+"${extra[@]}"}
 done
+# The engine's own bfloat16 decoder (decoder_precision), encoders in fp32.
+run "mobile_sam-dinov2S-decoder-bf16" --sam-type mobile_sam --decoder-precision bfloat16
 
 echo "== 3. encoder batching (features_many)" | tee -a "$OUT/summary.txt"
 timeout 180 $PY - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
