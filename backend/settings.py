@@ -228,6 +228,9 @@ class Settings:
     (CPU; exported once, cached)."""
     decoder_precision: str = "float32"
     """``DECODER_PRECISION``: SAM's decoder in ``float32`` or under ``bfloat16`` autocast."""
+    encoder_batch: int = 0
+    """``ENCODER_BATCH``: tasks of one ``/predict`` (or background chunk) whose images go through
+    the encoders together; 0: 8 on a GPU, 1 on a CPU."""
 
     @classmethod
     def from_env(
@@ -315,6 +318,7 @@ NUMBER_SETTINGS: tuple[tuple[str, str, type, float], ...] = (
     ("train_lock_ttl", "TRAIN_LOCK_TTL", float, 0.5),
     ("post_retries", "POST_RETRIES", int, 0),
     ("post_retry_backoff", "POST_RETRY_BACKOFF", float, 0.0),
+    ("encoder_batch", "ENCODER_BATCH", int, 0),
 )
 """The numeric settings: ``(field, variable, type, smallest value)``; the default is the field's."""
 

@@ -7,6 +7,7 @@ random models, against a fake Label Studio serving images and recording posted p
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import re
 import threading
@@ -287,6 +288,42 @@ def test_a_batch_over_the_time_budget_finishes_in_the_background(make_runtime, f
     assert [p["task"] for p in posted] == [11, 12]
     assert {p["model_version"] for p in posted} == {results[0]["model_version"]}
     assert all(p["result"] for p in posted)
+
+
+def test_the_tasks_of_a_predict_go_through_the_encoders_together_with_the_same_results(
+    make_runtime, fake_ls, monkeypatch
+):
+    runtime = make_runtime(ENCODER_BATCH="3")
+    client = create_app(runtime).test_client()
+    client.post("/setup", json=setup_body(fake_ls))
+    learn_reference(client, runtime, fake_ls)
+    tasks = [
+        task(30 + i, fake_ls.add_image(PROJECT, f"batch{i}.png", png_bytes(scene(30 + i))))
+        for i in range(4)
+    ]
+    tasks.insert(1, task(39, f"/data/upload/{PROJECT}/missing-from-batch.png"))
+    segmenter = runtime.segmenter()
+    batches = []
+    features_many = segmenter.features_many
+
+    def spy(images, batch_size=4):
+        batches.append(len(images))
+        return features_many(images, batch_size)
+
+    monkeypatch.setattr(segmenter, "features_many", spy)
+    segmenter.cache.clear()
+
+    batched = client.post("/predict", json=predict_body(tasks)).json
+
+    # 3 + 2 tasks; the missing image is left out of its batch and reported on its own.
+    assert batches == [2, 2]
+    assert [e["task"] for e in batched["errors"]] == [39] and "404" in batched["errors"][0]["error"]
+    assert batched["results"][1] == []
+    segmenter.cache.clear()
+    monkeypatch.setattr(runtime, "settings", dataclasses.replace(runtime.settings, encoder_batch=1))
+    alone = client.post("/predict", json=predict_body(tasks)).json
+    assert batches == [2, 2]  # no batch with ENCODER_BATCH=1
+    assert alone["results"] == batched["results"]
 
 
 def test_health_answers_fast_while_a_prediction_runs(make_runtime, fake_ls):
