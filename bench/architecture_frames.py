@@ -38,14 +38,17 @@ LABEL_CONFIG = """
 PROJECT = 7
 
 
+OUTSIDE = tuple(ROOT / name for name in ("tests", "bench", ".venv", ".venv-ls"))
+"""Folders under the repository that are not this project's code (virtual environments too)."""
+
+
 def own_frames() -> list[str]:
     """This project's frames on the caller's stack, outermost first (this module's left out)."""
     names = []
     frame = sys._getframe(2)  # the measured function's caller
     while frame is not None:
         path = Path(frame.f_code.co_filename).resolve()
-        outside = (ROOT / "tests", ROOT / "bench")
-        if path.is_relative_to(ROOT) and not any(path.is_relative_to(o) for o in outside):
+        if path.is_relative_to(ROOT) and not any(path.is_relative_to(o) for o in OUTSIDE):
             code = frame.f_code
             name = getattr(code, "co_qualname", code.co_name).replace(".<locals>", "")
             names.append(f"{path.relative_to(ROOT).with_suffix('')}:{name}")
