@@ -38,8 +38,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -204,34 +205,74 @@ class _CachedExample:
             for i in range(0, x.shape[1], CHUNK_PIXELS)
         ]
 
-    def loss_and_gradient(self, weights: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """Loss and its ``(3,)`` gradient with respect to the ``(3,)`` blend weights."""
-        focal = object_q = background_q = 0.0
-        focal_gradient = torch.zeros(3, dtype=torch.float64)
-        dice_all = torch.zeros(3, dtype=torch.float64)
-        dice_object = torch.zeros(3, dtype=torch.float64)
-        for signed_logits, alpha_over_count, is_object in self.blocks:
-            s = weights @ signed_logits
-            q = torch.sigmoid(s)
-            right = 1 - q  # p_t
-            cross_entropy = cross_entropy_from_probability(s, q, right)
-            q2 = q * q
-            focal += alpha_over_count * float(torch.dot(q2, cross_entropy))
-            q_sum = float(q.sum())
-            focal_slope = torch.addcmul(q, right, cross_entropy, value=2).mul_(q2)
-            focal_gradient += (signed_logits @ focal_slope) * alpha_over_count
-            dice = signed_logits @ q.mul_(right)  # q (1 - q); q is not needed any more
-            dice_all += dice
-            if is_object:
-                object_q, dice_object = object_q + q_sum, dice_object + dice
-            else:
-                background_q += q_sum
-        numerator = 2 * (self.target_sum - object_q) + DICE_SMOOTHING
-        denominator = (self.target_sum - object_q + background_q) + self.target_sum + DICE_SMOOTHING
+    def loss_and_gradient(
+        self, weights: torch.Tensor, pool: ThreadPoolExecutor | None = None
+    ) -> tuple[float, torch.Tensor]:
+        """Loss and its ``(3,)`` gradient with respect to the ``(3,)`` blend weights; with a
+        ``pool``, its threads share the blocks (:data:`LOSS_THREADS`)."""
+        if pool is None:
+            sums = _block_sums(self.blocks, weights)
+        else:
+            parts = [self.blocks[i::LOSS_THREADS] for i in range(LOSS_THREADS)]
+            sums = sum(pool.map(_block_sums, parts, [weights] * LOSS_THREADS), _BlockSums())
+        numerator = 2 * (self.target_sum - sums.object_q) + DICE_SMOOTHING
+        denominator = (
+            (self.target_sum - sums.object_q + sums.background_q) + self.target_sum + DICE_SMOOTHING
+        )
         a = numerator / denominator**2
         b = 2 * (denominator - numerator) / denominator**2
-        gradient = focal_gradient + a * dice_all + b * dice_object
-        return 1 - numerator / denominator + focal, gradient.float()
+        gradient = sums.focal_gradient + a * sums.dice_all + b * sums.dice_object
+        return 1 - numerator / denominator + sums.focal, gradient.float()
+
+
+LOSS_THREADS = 2
+"""Threads that share an iteration's blocks when the caller allows more than one intra-op
+thread: each runs its blocks' operations on one core, with one join per iteration (1.2x on 2
+cores, where threads inside each operation made it slower; BENCHMARKS.md, PerSAM-F)."""
+
+
+@dataclass
+class _BlockSums:
+    """The per-pixel sums of :class:`_CachedExample` over some of its blocks."""
+
+    focal: float = 0.0
+    object_q: float = 0.0
+    background_q: float = 0.0
+    focal_gradient: torch.Tensor = field(
+        default_factory=lambda: torch.zeros(3, dtype=torch.float64)
+    )
+    dice_all: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+    dice_object: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+
+    def __add__(self, other: _BlockSums) -> _BlockSums:
+        return _BlockSums(
+            *(getattr(self, f.name) + getattr(other, f.name) for f in fields(_BlockSums))
+        )
+
+
+def _block_sums(
+    blocks: list[tuple[torch.Tensor, float, bool]], weights: torch.Tensor
+) -> _BlockSums:
+    """One pass over ``blocks`` of :class:`_CachedExample` at the blend ``weights``."""
+    sums = _BlockSums()
+    for signed_logits, alpha_over_count, is_object in blocks:
+        s = weights @ signed_logits
+        q = torch.sigmoid(s)
+        right = 1 - q  # p_t
+        cross_entropy = cross_entropy_from_probability(s, q, right)
+        q2 = q * q
+        sums.focal += alpha_over_count * float(torch.dot(q2, cross_entropy))
+        q_sum = float(q.sum())
+        focal_slope = torch.addcmul(q, right, cross_entropy, value=2).mul_(q2)
+        sums.focal_gradient += (signed_logits @ focal_slope) * alpha_over_count
+        dice = signed_logits @ q.mul_(right)  # q (1 - q); q is not needed any more
+        sums.dice_all += dice
+        if is_object:
+            sums.object_q += q_sum
+            sums.dice_object += dice
+        else:
+            sums.background_q += q_sum
+    return sums
 
 
 def example_prompt(
@@ -334,11 +375,13 @@ def train_mask_weights(
         logits = example_logits(segmenter, target_embedding, features, prompt, mask.shape)
         cached.append(_CachedExample(logits, mask))
 
+    pool = ThreadPoolExecutor(LOSS_THREADS) if torch.get_num_threads() > 1 else None
+
     def loss_and_gradient(free: torch.Tensor) -> tuple[float, torch.Tensor]:
         weights = blend_weights(free.detach())
         loss, gradient = 0.0, torch.zeros(3)
         for example in cached:
-            example_loss, example_gradient = example.loss_and_gradient(weights)
+            example_loss, example_gradient = example.loss_and_gradient(weights, pool)
             loss, gradient = loss + example_loss, gradient + example_gradient
         # mean over examples, then through weights = (1 - w1 - w2, w1, w2)
         loss, gradient = loss / len(cached), gradient / len(cached)
@@ -346,8 +389,12 @@ def train_mask_weights(
 
     iterations = segmenter.config.persam_f_iterations if iterations is None else iterations
     # The loop runs on host tensors in float32 whatever autocast the caller runs under.
-    with _one_intra_op_thread(), torch.autocast("cpu", enabled=False):
-        report = _optimise(segmenter, loss_and_gradient, iterations, len(pairs))
+    try:
+        with _one_intra_op_thread(), torch.autocast("cpu", enabled=False):
+            report = _optimise(segmenter, loss_and_gradient, iterations, len(pairs))
+    finally:
+        if pool is not None:
+            pool.shutdown()
     report.seconds = time.perf_counter() - start
     return report
 

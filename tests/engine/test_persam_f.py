@@ -3,6 +3,7 @@ loop, serialisation and determinism."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -68,6 +69,20 @@ def test_the_closed_form_loss_and_gradient_equal_autograd(weights, size):
     loss, gradient = persam_f._CachedExample(logits, mask).loss_and_gradient(leaf.detach())
     assert loss == pytest.approx(float(expected.detach()), rel=1e-5)
     torch.testing.assert_close(gradient, leaf.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_threads_sharing_the_blocks_give_the_serial_loss_and_gradient():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 3, 480, 640, generator=g) * 6
+    mask = (torch.rand(480, 640, generator=g) > 0.7).numpy()
+    example = persam_f._CachedExample(logits, mask)
+    assert len(example.blocks) >= 3  # the threads each get blocks
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    serial = example.loss_and_gradient(weights)
+    with ThreadPoolExecutor(persam_f.LOSS_THREADS) as pool:
+        shared = example.loss_and_gradient(weights, pool)
+    assert shared[0] == pytest.approx(serial[0], rel=1e-12)
+    torch.testing.assert_close(shared[1], serial[1], rtol=1e-6, atol=1e-9)
 
 
 def test_the_cross_entropy_from_the_probability_is_softplus_where_the_loss_can_see_it():
