@@ -191,13 +191,14 @@ class _CachedExample:
     """
 
     def __init__(self, logits: torch.Tensor, mask: np.ndarray):
-        signed = logits.reshape(3, -1)
+        flat_logits = logits.reshape(3, -1)
         inside = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool).reshape(-1))
         count = inside.numel()
         self.target_sum = float(inside.sum())
+        # Signed towards the wrong class: negated inside the object (t = 1), as they are outside.
         groups = (
-            ((-signed[:, inside]).contiguous(), FOCAL_ALPHA / count, True),
-            (signed[:, ~inside].contiguous(), (1 - FOCAL_ALPHA) / count, False),
+            ((-flat_logits[:, inside]).contiguous(), FOCAL_ALPHA / count, True),
+            (flat_logits[:, ~inside].contiguous(), (1 - FOCAL_ALPHA) / count, False),
         )
         self.blocks = [
             (x[:, i : i + CHUNK_PIXELS], alpha_over_count, is_object)

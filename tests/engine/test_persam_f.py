@@ -71,6 +71,18 @@ def test_the_closed_form_loss_and_gradient_equal_autograd(weights, size):
     torch.testing.assert_close(gradient, leaf.grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("inside", [False, True])
+def test_an_example_all_object_or_all_background_has_the_autograd_loss(inside):
+    logits = torch.randn(1, 3, 20, 30, generator=torch.Generator().manual_seed(1)) * 4
+    mask = np.full((20, 30), inside)
+    leaf = torch.tensor([0.2, 0.5, 0.3], requires_grad=True)
+    expected = persam_f._Target.of(mask).loss(logits, leaf)
+    expected.backward()
+    loss, gradient = persam_f._CachedExample(logits, mask).loss_and_gradient(leaf.detach())
+    assert loss == pytest.approx(float(expected.detach()), rel=1e-5)
+    torch.testing.assert_close(gradient, leaf.grad, atol=1e-6, rtol=1e-5)
+
+
 def test_threads_sharing_the_blocks_give_the_serial_loss_and_gradient():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(1, 3, 480, 640, generator=g) * 6
