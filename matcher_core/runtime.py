@@ -148,6 +148,9 @@ class OpenVinoModule(nn.Module):
 
         core = openvino.Core()
         core.set_property({"CACHE_DIR": str(cache_dir)})
+        if precision == "bf16" and not cpu_has_bfloat16(core):
+            log.warning("this CPU computes no bfloat16; OpenVINO runs the encoders in fp32")
+            precision = "f32"
         self.path = path
         self.precision = precision
         self.compiled = core.compile_model(
@@ -172,6 +175,11 @@ class OpenVinoModule(nn.Module):
 
 
 OPENVINO_PRECISION = {"openvino": "f32", "openvino_bf16": "bf16"}
+
+
+def cpu_has_bfloat16(core) -> bool:
+    """Whether OpenVINO's CPU plugin computes bfloat16 natively here (AVX512-BF16, AMX)."""
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def build(
