@@ -330,3 +330,11 @@ def test_bfloat16_precision_returns_float32_close_to_float32_decoding(decoder, e
 def test_an_unknown_decoder_precision_is_refused(decoder):
     with pytest.raises(ValueError, match="precision"):
         SamDecoder(decoder.sam, precision="float16")
+
+
+def test_the_spelled_out_softmax_equals_torch_softmax():
+    from matcher_core.sam_decoder import _softmax_over_few
+
+    scores = torch.randn(2, 50, 8, 7, generator=torch.Generator().manual_seed(0)) * 30
+    scores[0, 0, 0] = torch.tensor([1e3, -1e3, 0, 0, 0, 0, 0])  # no overflow: max subtracted
+    torch.testing.assert_close(_softmax_over_few(scores), torch.softmax(scores, dim=-1))
