@@ -123,9 +123,12 @@ def _attend(
     k = attention.k_proj(k)
     v = attention.v_proj(v)
     scale = math.sqrt(q.shape[-1] // heads)
+    # The 1 / sqrt(d) of the scores goes on the prompt-token side (few rows) instead of the
+    # (B, ..., H*W) scores: the same products, and exactly the same numbers when sqrt(d) is a
+    # power of two (SAM's cross-attention: d = 16).
     if q.shape[1] <= k.shape[1]:  # prompt tokens attend to image tokens
         count, tokens, channels = max(q.shape[0], k.shape[0]), q.shape[1], q.shape[2]
-        scores = _matmul(_block_diagonal(q, heads), k.transpose(1, 2)) / scale
+        scores = _matmul(_block_diagonal(q / scale, heads), k.transpose(1, 2))
         weights = torch.softmax(scores.view(count, heads, tokens, -1), dim=-1)
         if prior is not None:
             weights = torch.softmax(weights + prior, dim=-1)
@@ -136,7 +139,7 @@ def _attend(
         if prior is not None:
             raise ValueError("an attention prior applies to prompt-to-image attention only")
         count, tokens = max(q.shape[0], k.shape[0]), k.shape[1]
-        scores = _matmul(q, _block_diagonal(k, heads).transpose(1, 2)) / scale
+        scores = _matmul(q, _block_diagonal(k / scale, heads).transpose(1, 2))
         weights = _softmax_over_few(scores.reshape(count, -1, heads, tokens))
         out = _matmul(weights.view(count, -1, heads * tokens), _block_diagonal(v, heads))
     return attention.out_proj(out)
