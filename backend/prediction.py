@@ -271,8 +271,17 @@ def encode_ahead(predictor: TaskPredictor, tasks: list[dict]) -> None:
     if len(images) < 2:
         return
     segmenter = predictor.engine()
-    with predictor.inference_slot():
-        segmenter.features_many(images, batch_size=len(images))
+    try:
+        with predictor.inference_slot():
+            segmenter.features_many(images, batch_size=len(images))
+    except Exception as error:  # each task then encodes, and reports, on its own
+        log.warning(
+            "project %s: encoding %d images together failed (%s: %s); encoding one by one",
+            predictor.project_id,
+            len(images),
+            type(error).__name__,
+            error,
+        )
 
 
 def defer_rest(

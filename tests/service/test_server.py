@@ -326,6 +326,28 @@ def test_the_tasks_of_a_predict_go_through_the_encoders_together_with_the_same_r
     assert alone["results"] == batched["results"]
 
 
+def test_a_failing_batch_encoding_falls_back_to_one_task_at_a_time(
+    make_runtime, fake_ls, monkeypatch
+):
+    runtime = make_runtime(ENCODER_BATCH="4")
+    client = create_app(runtime).test_client()
+    client.post("/setup", json=setup_body(fake_ls))
+    learn_reference(client, runtime, fake_ls)
+    tasks = [
+        task(50 + i, fake_ls.add_image(PROJECT, f"fallback{i}.png", png_bytes(scene(50 + i))))
+        for i in range(3)
+    ]
+
+    def broken(images, batch_size=4):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(runtime.segmenter(), "features_many", broken)
+    answer = client.post("/predict", json=predict_body(tasks))
+
+    assert answer.status_code == 200 and "errors" not in answer.json
+    assert all(entry["result"] for entry in answer.json["results"])
+
+
 def test_health_answers_fast_while_a_prediction_runs(make_runtime, fake_ls):
     runtime = make_runtime()
     app = create_app(runtime)
