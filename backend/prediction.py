@@ -196,12 +196,14 @@ def predict_batch(
     """Predict ``tasks`` in order until ``budget`` seconds (``PREDICT_TIME_BUDGET``) would be
     exceeded by one more (judged by the slowest task so far); the rest are handed to ``defer``
     (predicted and posted in the background; ``None`` when Label Studio cannot be reached) and
-    answered with empty lists now."""
+    answered with empty lists now. Images go through the encoders in batches
+    (:func:`encode_ahead`) no larger than what the budget leaves room for."""
     started = time.monotonic()
     results: list[Any] = []
     errors: list[dict] = []
     slowest = 0.0
     predictor, batch = with_encoder_batches(predictor)
+    encoded_until, encoding_share = 0, 0.0
     for index, task in enumerate(tasks):
         elapsed = time.monotonic() - started
         if index > 0 and defer is not None and elapsed + slowest > budget:
@@ -209,27 +211,44 @@ def predict_batch(
             errors.extend(defer_rest(predictor, defer, rest, index, elapsed))
             results.extend([] for _ in rest)
             break
+        if index >= encoded_until:
+            size = batch if defer is None else batch_within(batch, budget - elapsed, slowest)
+            encoding_started = time.monotonic()
+            encode_ahead(predictor, tasks[index : index + size])
+            encoding_share = (time.monotonic() - encoding_started) / size
+            encoded_until = index + size
         task_started = time.monotonic()
-        if index % batch == 0:
-            encode_ahead(predictor, tasks[index : index + batch])
         result, error = predict_or_report(predictor, task)
         results.append(result)
         if error is not None:
             errors.append(error)
-        slowest = max(slowest, time.monotonic() - task_started)
+        slowest = max(slowest, time.monotonic() - task_started + encoding_share)
     response = {"results": results, "model_version": predictor.model_version}
     if errors:
         response["errors"] = errors
     return response
 
 
+def batch_within(batch: int, time_left: float, slowest: float) -> int:
+    """How many of the next tasks to encode together: ``batch``, but no more than the time left
+    is expected to predict (one before any task has been timed)."""
+    if slowest <= 0:
+        return 1
+    return max(1, min(batch, int(time_left / slowest)))
+
+
 def with_encoder_batches(predictor: TaskPredictor) -> tuple[TaskPredictor, int]:
     """The batch size for :func:`encode_ahead` (:attr:`TaskPredictor.encoder_batch` resolved for
-    the engine's device) and a predictor whose image loader keeps the images of the batch being
-    predicted, so that each is downloaded and decoded once."""
+    the engine's device; 1 when the engine cannot load, whose tasks then report it) and a
+    predictor whose image loader keeps the images of the batch being predicted, so that each is
+    downloaded and decoded once."""
     batch = predictor.encoder_batch
     if batch <= 0:
-        batch = GPU_ENCODER_BATCH if predictor.engine().device.type == "cuda" else 1
+        try:
+            on_gpu = predictor.engine().device.type == "cuda"
+        except Exception:  # each task reports the engine's failure
+            on_gpu = False
+        batch = GPU_ENCODER_BATCH if on_gpu else 1
     if batch == 1:
         return predictor, 1
     return replace(predictor, load_image=_BatchImages(predictor.load_image)), batch
@@ -240,41 +259,49 @@ GPU_ENCODER_BATCH = 8
 
 
 class _BatchImages:
-    """A task image loader that remembers the images of the current batch (by task object)."""
+    """A task image loader that remembers the images of the current batch (by task object), and
+    the error of one that could not be loaded, so that no image is fetched twice."""
 
     def __init__(self, load: Callable[[dict], np.ndarray]) -> None:
         self.load = load
-        self.images: dict[int, np.ndarray] = {}
+        self.loaded: dict[int, np.ndarray | Exception] = {}
 
     def __call__(self, task: dict) -> np.ndarray:
-        image = self.images.get(id(task))
-        return image if image is not None else self.load(task)
+        image = self.loaded.pop(id(task), None)
+        if image is None:
+            return self.load(task)
+        if isinstance(image, Exception):
+            raise image
+        return image
 
     def keep(self, tasks: list[dict]) -> list[np.ndarray]:
-        """Load ``tasks``' images (forgetting the previous batch); one that cannot be loaded is
-        left out: its task reports the error when it is predicted."""
-        self.images = {}
+        """Load ``tasks``' images (forgetting the previous batch) and return those that loaded;
+        a task whose image failed gets that error when it is predicted."""
+        self.loaded = {}
         for task in tasks:
             try:
-                self.images[id(task)] = self.load(task)
-            except TASK_INPUT_ERRORS:
-                continue
-        return list(self.images.values())
+                self.loaded[id(task)] = self.load(task)
+            except StoreError:
+                raise
+            except Exception as error:
+                self.loaded[id(task)] = error
+        return [image for image in self.loaded.values() if not isinstance(image, Exception)]
 
 
 def encode_ahead(predictor: TaskPredictor, tasks: list[dict]) -> None:
     """Run the encoders once over the images of ``tasks`` (the engine's cache keeps the
-    features for the tasks' predictions); a no-op unless the loader batches images."""
+    features for the tasks' predictions); a no-op unless the loader batches images. A failure
+    is logged: each task then encodes, and reports, on its own."""
     if not isinstance(predictor.load_image, _BatchImages) or len(tasks) < 2:
         return
     images = predictor.load_image.keep(tasks)
     if len(images) < 2:
         return
-    segmenter = predictor.engine()
     try:
+        segmenter = predictor.engine()
         with predictor.inference_slot():
             segmenter.features_many(images, batch_size=len(images))
-    except Exception as error:  # each task then encodes, and reports, on its own
+    except Exception as error:
         log.warning(
             "project %s: encoding %d images together failed (%s: %s); encoding one by one",
             predictor.project_id,

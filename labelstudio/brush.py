@@ -52,6 +52,16 @@ def _split_long(
     return split, np.repeat(values, pieces), np.repeat(size_index, pieces)
 
 
+_RUNS_PER_CHUNK = 1 << 16
+
+
+def _code_bits(code: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """The codes' bits, most significant first, each code in its own ``width`` bits."""
+    shifts = np.arange(int(width.max()) - 1, -1, -1)
+    bits = (code[:, None] >> shifts[None, :]) & 1  # right-aligned in the widest code's bits
+    return bits[shifts[None, :] < width[:, None]].astype(np.uint8)
+
+
 def mask_to_rle(mask: np.ndarray) -> list[int]:
     """``(H, W)`` mask (bool or 0/1/255) to Label Studio brush RLE bytes, pixel value 255 inside.
 
@@ -72,11 +82,11 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
         | values
     )
     width = 1 + 2 + field_bits + _WORD_BITS
-    longest = int(width.max())
-    shifts = np.arange(longest - 1, -1, -1)
-    bits = (code[:, None] >> shifts[None, :]) & 1  # right-aligned in `longest` bits
-    keep = shifts[None, :] < width[:, None]
-    stream = np.concatenate([_header(flat.size * _CHANNELS), bits[keep].astype(np.uint8)])
+    parts = [_header(flat.size * _CHANNELS)]
+    for start in range(0, code.size, _RUNS_PER_CHUNK):  # bounds memory on very ragged masks
+        chunk = slice(start, start + _RUNS_PER_CHUNK)
+        parts.append(_code_bits(code[chunk], width[chunk]))
+    stream = np.concatenate(parts)
     # The SDK pads to a whole byte with 1-8 zeros (8 when already whole).
     stream = np.append(stream, np.zeros(8 - stream.size % 8, dtype=np.uint8))
     return np.packbits(stream).tolist()

@@ -49,9 +49,10 @@ class SegmenterConfig:
     (``openvino`` fp32, ``openvino_bf16`` bfloat16). Ignored on CUDA (``runtime.py``)."""
     decoder_precision: Literal["float32", "bfloat16"] = "float32"
     """SAM's prompt encoder + mask decoder in ``float32``, or under ``bfloat16`` autocast (matrix
-    products and convolutions in bfloat16, normalisations and softmax in float32; outputs
-    float32): faster where the hardware has bfloat16 (AVX512-BF16 / AMX CPUs, recent GPUs), with
-    a measured mask drift (BENCHMARKS.md). PerSAM-F's training loop stays float32."""
+    products and convolutions in bfloat16, and the element-wise steps on their outputs; the
+    attention softmaxes and layer norms in float32; outputs float32): faster where the hardware
+    has bfloat16 (AVX512-BF16 / AMX CPUs, recent GPUs), with a measured mask drift
+    (BENCHMARKS.md). PerSAM-F's training loop stays float32."""
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
     model_dir: str = "~/.cache/oneshot-labeler"

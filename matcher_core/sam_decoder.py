@@ -150,8 +150,10 @@ def _softmax_over_few(scores: torch.Tensor) -> torch.Tensor:
     (max, subtract, exp, sum, divide: the same steps): PyTorch's CPU kernel vectorises along that
     axis, which for ~7 entries made it 4x slower than these whole-tensor steps, 13 % of decoding
     (BENCHMARKS.md). Equal to ``torch.softmax`` to float rounding (tested)."""
+    dtype = scores.dtype  # bfloat16 under the bfloat16 decoder: the softmax itself in float32
+    scores = scores.float()
     exp = (scores - scores.amax(-1, keepdim=True)).exp_()
-    return exp.div_(exp.sum(-1, keepdim=True))
+    return exp.div_(exp.sum(-1, keepdim=True)).to(dtype)
 
 
 def _two_way_block(

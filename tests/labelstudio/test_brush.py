@@ -61,3 +61,8 @@ def test_a_real_mask_round_trips_through_the_sdk_decoder():
 def test_a_mask_that_is_not_2d_is_refused():
     with pytest.raises(ValueError, match="2-D"):
         mask_to_rle(np.zeros((2, 2, 2), bool))
+
+
+def test_a_ragged_mask_of_more_runs_than_one_chunk_encodes_as_the_sdk_does():
+    mask = np.random.default_rng(7).random((300, 600)) > 0.5  # ~90k runs: two chunks
+    assert mask_to_rle(mask) == _sdk(mask)
