@@ -37,14 +37,21 @@ def scene():
     return disc_image(120, 160, (60, 50), 22, seed=1), disc_image(120, 160, (100, 70), 20, seed=2)
 
 
+@pytest.mark.parametrize("runtime_name", ["onnx", "openvino"])
 @pytest.mark.parametrize("sam_type", ["tiny", "mobile_sam_tiny"])
-def test_onnx_encoders_match_pytorch_and_give_the_same_masks(model_dir, scene, sam_type):
+def test_fp32_runtimes_match_pytorch_and_give_the_same_masks(
+    model_dir, scene, sam_type, runtime_name
+):
+    if runtime_name == "openvino":
+        pytest.importorskip("openvino")
     (ref_image, ref_mask), (target, _) = scene
     eager = OneShotSegmenter(tiny_config(model_dir=model_dir, sam_type=sam_type))
     onnx = OneShotSegmenter(
-        tiny_config(model_dir=model_dir, sam_type=sam_type, encoder_runtime="onnx")
+        tiny_config(model_dir=model_dir, sam_type=sam_type, encoder_runtime=runtime_name)
     )
     assert isinstance(onnx.sam.image_encoder, runtime.SamEncoderOnnx)
+    expected = runtime.OpenVinoModule if runtime_name == "openvino" else runtime.OnnxModule
+    assert isinstance(onnx.sam.image_encoder.onnx, expected)
     for image in (ref_image, target):
         a, b = eager.features(image), onnx.features(image)
         rel = (a.sam_embedding - b.sam_embedding).norm() / a.sam_embedding.norm()
@@ -102,28 +109,6 @@ def test_int8_runs_with_bounded_drift(model_dir, scene):
     assert int8.sam.image_encoder.onnx.path.name.endswith("-int8.onnx")
     a, b = eager.features(image).sam_embedding, int8.features(image).sam_embedding
     assert (a - b).norm() / a.norm() < INT8_RTOL
-
-
-@pytest.mark.parametrize("sam_type", ["tiny", "mobile_sam_tiny"])
-def test_openvino_fp32_encoders_match_pytorch_and_give_the_same_masks(model_dir, scene, sam_type):
-    pytest.importorskip("openvino")
-    (ref_image, ref_mask), (target, _) = scene
-    eager = OneShotSegmenter(tiny_config(model_dir=model_dir, sam_type=sam_type))
-    openvino = OneShotSegmenter(
-        tiny_config(model_dir=model_dir, sam_type=sam_type, encoder_runtime="openvino")
-    )
-    assert isinstance(openvino.sam.image_encoder.onnx, runtime.OpenVinoModule)
-    for image in (ref_image, target):
-        a, b = eager.features(image), openvino.features(image)
-        assert (a.sam_embedding - b.sam_embedding).norm() / a.sam_embedding.norm() < EMBEDDING_RTOL
-        rel = (a.patch_features - b.patch_features).norm() / a.patch_features.norm()
-        assert rel < EMBEDDING_RTOL
-    examples = [Example(ref_image, {"disc": [ref_mask]})]
-    found_a = eager.segment(eager.build_reference(examples), target)
-    found_b = openvino.segment(openvino.build_reference(examples), target)
-    assert len(found_a) == len(found_b)
-    for ia, ib in zip(found_a, found_b, strict=True):
-        assert _iou(ia.mask, ib.mask) >= 0.98
 
 
 def test_openvino_bf16_runs_with_bounded_drift_and_batches(model_dir, scene):

@@ -265,15 +265,27 @@ def test_predict_returns_brush_masks_of_the_task_size_with_the_setup_version(bac
     assert again.json["results"] == results
 
 
-def test_a_batch_over_the_time_budget_finishes_in_the_background(make_runtime, fake_ls):
-    runtime = make_runtime(PREDICT_TIME_BUDGET="0")
+def served_with_reference(make_runtime, fake_ls, **env: str):
+    """``(client, runtime)`` of a backend set up for the fake Label Studio's project, its
+    reference learned; ``env`` are settings."""
+    runtime = make_runtime(**env)
     client = create_app(runtime).test_client()
     client.post("/setup", json=setup_body(fake_ls))
     learn_reference(client, runtime, fake_ls)
-    tasks = [
-        task(10 + i, fake_ls.add_image(PROJECT, f"t{i}.png", png_bytes(scene(10 + i))))
-        for i in range(3)
+    return client, runtime
+
+
+def uploaded_tasks(ls, first_id: int, count: int, name: str) -> list[dict]:
+    """``count`` tasks with distinct scenes uploaded to the fake Label Studio."""
+    return [
+        task(first_id + i, ls.add_image(PROJECT, f"{name}{i}.png", png_bytes(scene(first_id + i))))
+        for i in range(count)
     ]
+
+
+def test_a_batch_over_the_time_budget_finishes_in_the_background(make_runtime, fake_ls):
+    client, runtime = served_with_reference(make_runtime, fake_ls, PREDICT_TIME_BUDGET="0")
+    tasks = uploaded_tasks(fake_ls, 10, 3, "t")
 
     answer = client.post("/predict", json=predict_body(tasks))
 
@@ -293,14 +305,8 @@ def test_a_batch_over_the_time_budget_finishes_in_the_background(make_runtime, f
 def test_the_tasks_of_a_predict_go_through_the_encoders_together_with_the_same_results(
     make_runtime, fake_ls, monkeypatch
 ):
-    runtime = make_runtime(ENCODER_BATCH="3")
-    client = create_app(runtime).test_client()
-    client.post("/setup", json=setup_body(fake_ls))
-    learn_reference(client, runtime, fake_ls)
-    tasks = [
-        task(30 + i, fake_ls.add_image(PROJECT, f"batch{i}.png", png_bytes(scene(30 + i))))
-        for i in range(4)
-    ]
+    client, runtime = served_with_reference(make_runtime, fake_ls, ENCODER_BATCH="3")
+    tasks = uploaded_tasks(fake_ls, 30, 4, "batch")
     tasks.insert(1, task(39, f"/data/upload/{PROJECT}/missing-from-batch.png"))
     segmenter = runtime.segmenter()
     batches = []
@@ -330,14 +336,8 @@ def test_the_tasks_of_a_predict_go_through_the_encoders_together_with_the_same_r
 def test_a_failing_batch_encoding_falls_back_to_one_task_at_a_time(
     make_runtime, fake_ls, monkeypatch
 ):
-    runtime = make_runtime(ENCODER_BATCH="4")
-    client = create_app(runtime).test_client()
-    client.post("/setup", json=setup_body(fake_ls))
-    learn_reference(client, runtime, fake_ls)
-    tasks = [
-        task(50 + i, fake_ls.add_image(PROJECT, f"fallback{i}.png", png_bytes(scene(50 + i))))
-        for i in range(3)
-    ]
+    client, runtime = served_with_reference(make_runtime, fake_ls, ENCODER_BATCH="4")
+    tasks = uploaded_tasks(fake_ls, 50, 3, "fallback")
 
     def broken(images, batch_size=4):
         raise RuntimeError("out of memory")
