@@ -20,6 +20,24 @@ def smoke_args(tmp_path: Path) -> list[str]:
     return ["--random-weights", "--model-dir", str(tmp_path / "models"), "--score-threshold", "0"]
 
 
+def segment(tmp_path: Path, folder: Path, *args: str, ref_mask: str = "ref.png") -> int:
+    """``segment`` with ``folder``'s ``ref.jpg`` (and ``ref_mask``) as the reference, writing
+    to ``tmp_path/out``, on the tiny random models; ``args`` are the other arguments."""
+    return main(
+        [
+            "segment",
+            "--ref-image",
+            str(folder / "ref.jpg"),
+            "--ref-mask",
+            str(folder / ref_mask),
+            "--out",
+            str(tmp_path / "out"),
+            *args,
+            *smoke_args(tmp_path),
+        ]
+    )
+
+
 def write_pair(folder: Path, name: str, seed: int, size=(60, 90)) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     image, mask = disc_image(*size, centre=(30 + seed, 25), radius=12, seed=seed)
@@ -32,21 +50,13 @@ def test_segment_writes_masks_and_summaries_at_original_size(tmp_path):
     write_pair(tmp_path / "in", "a", 1, size=(50, 120))
     write_pair(tmp_path / "in", "b", 2, size=(120, 50))
     out = tmp_path / "out"
-    code = main(
-        [
-            "segment",
-            "--ref-image",
-            str(tmp_path / "in/ref.jpg"),
-            "--ref-mask",
-            str(tmp_path / "in/ref.png"),
-            "--out",
-            str(out),
-            "--label-studio-json",
-            "brush",
-            str(tmp_path / "in/a.jpg"),
-            str(tmp_path / "in/b.jpg"),
-            *smoke_args(tmp_path),
-        ]
+    code = segment(
+        tmp_path,
+        tmp_path / "in",
+        "--label-studio-json",
+        "brush",
+        str(tmp_path / "in/a.jpg"),
+        str(tmp_path / "in/b.jpg"),
     )
     assert code == 0
     for stem, (height, width) in (("a", (50, 120)), ("b", (120, 50))):
@@ -71,14 +81,7 @@ def test_a_folder_with_masks_beside_its_images_segments_the_images_only(tmp_path
     write_pair(folder, "a", 1)
     write_pair(folder, "b", 2)
     out = tmp_path / "out"
-    args = [
-        "segment",
-        "--ref-image",
-        str(folder / "ref.jpg"),
-        "--ref-mask",
-        str(folder / "ref.png"),
-    ]
-    code = main([*args, "--out", str(out), str(folder), *smoke_args(tmp_path)])
+    code = segment(tmp_path, folder, str(folder))
 
     assert code == 0
     assert sorted(p.name for p in out.glob("*.json")) == ["a.json", "b.json", "ref.json"]
@@ -101,22 +104,14 @@ def test_label_studio_json_is_importable_as_is(tmp_path):
     write_pair(tmp_path / "in", "ref", 0)
     write_pair(tmp_path / "in", "a", 1)
     out = tmp_path / "out"
-    code = main(
-        [
-            "segment",
-            "--ref-image",
-            str(tmp_path / "in/ref.jpg"),
-            "--ref-mask",
-            str(tmp_path / "in/ref.png"),
-            "--out",
-            str(out),
-            "--label-studio-json",
-            "brush",
-            "--image-url",
-            "/data/local-files/?d=in/",
-            str(tmp_path / "in/a.jpg"),
-            *smoke_args(tmp_path),
-        ]
+    code = segment(
+        tmp_path,
+        tmp_path / "in",
+        "--label-studio-json",
+        "brush",
+        "--image-url",
+        "/data/local-files/?d=in/",
+        str(tmp_path / "in/a.jpg"),
     )
 
     assert code == 0
@@ -148,19 +143,7 @@ def test_indexed_reference_masks_give_one_label_per_index(tmp_path):
 def test_bad_reference_is_a_clear_error(tmp_path, capsys):
     write_pair(tmp_path, "ref", 0)
     Image.fromarray(np.zeros((60, 90), np.uint8)).save(tmp_path / "empty.png")
-    code = main(
-        [
-            "segment",
-            "--ref-image",
-            str(tmp_path / "ref.jpg"),
-            "--ref-mask",
-            str(tmp_path / "empty.png"),
-            "--out",
-            str(tmp_path / "o"),
-            str(tmp_path / "ref.jpg"),
-            *smoke_args(tmp_path),
-        ]
-    )
+    code = segment(tmp_path, tmp_path, str(tmp_path / "ref.jpg"), ref_mask="empty.png")
     assert code == 2 and "mask is empty" in capsys.readouterr().err
 
 

@@ -466,47 +466,38 @@ def test_deleting_the_reference_annotation_promotes_the_next_one(backend, fake_l
     assert state.model_version not in (first, learned.model_version, WAITING_VERSION)
 
 
+def _region(from_name: str, result_type: str, value: dict) -> dict:
+    """A Label Studio result on the test image."""
+    height, width = IMAGE_SIZE
+    return {
+        "from_name": from_name,
+        "to_name": "image",
+        "type": result_type,
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": value,
+    }
+
+
 def _polygon(mask_box=(15, 20, 40, 50)) -> dict:
     y0, x0, y1, x1 = mask_box
     height, width = IMAGE_SIZE
     points = [
         [100 * x / width, 100 * y / height] for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))
     ]
-    return {
-        "from_name": "poly",
-        "to_name": "image",
-        "type": "polygonlabels",
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {"points": points, "closed": True, "polygonlabels": ["Cat"]},
-    }
+    value = {"points": points, "closed": True, "polygonlabels": ["Cat"]}
+    return _region("poly", "polygonlabels", value)
 
 
 def _rectangle() -> dict:
-    height, width = IMAGE_SIZE
-    return {
-        "from_name": "box",
-        "to_name": "image",
-        "type": "rectanglelabels",
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {"x": 25, "y": 25, "width": 37.5, "height": 41.7, "rectanglelabels": ["Cat"]},
-    }
+    value = {"x": 25, "y": 25, "width": 37.5, "height": 41.7, "rectanglelabels": ["Cat"]}
+    return _region("box", "rectanglelabels", value)
 
 
 def _keypoint() -> dict:
-    height, width = IMAGE_SIZE
-    return {
-        "from_name": "kp",
-        "to_name": "image",
-        "type": "keypointlabels",
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {"x": 43.75, "y": 45.0, "width": 1, "keypointlabels": ["Cat"]},
-    }
+    value = {"x": 43.75, "y": 45.0, "width": 1, "keypointlabels": ["Cat"]}
+    return _region("kp", "keypointlabels", value)
 
 
 @pytest.mark.parametrize("region", [_polygon, _rectangle, _keypoint])
