@@ -67,11 +67,15 @@ def _looks_present(match: MatchResult, baseline: float, margin: float) -> bool:
 
 
 def find_matches(
-    config: SegmenterConfig, target: ImageFeatures, label_ref: LabelReference
+    config: SegmenterConfig,
+    target: ImageFeatures,
+    label_ref: LabelReference,
+    reference_features: np.ndarray,
 ) -> MatchResult | None:
     """The matched target cells that prompts are drawn from, or ``None`` when the object is taken
     to be absent (``absence_test``: too few matches, forward matches no better than
-    :func:`matcher_core.matching.absence_baseline`, or mostly like the label's negatives)."""
+    :func:`matcher_core.matching.absence_baseline`, or mostly like the label's negatives).
+    ``reference_features`` are the label's object features (:func:`_reference_features`)."""
     match = match_shots(
         label_ref.shots,
         target.patch_features,
@@ -84,7 +88,7 @@ def find_matches(
     check = filter_negative_matches(
         match,
         target.patch_features,
-        _reference_features(label_ref, config.object_cell_coverage),
+        reference_features,
         label_ref.negatives,
     )
     match = check.kept
@@ -140,8 +144,9 @@ def segment_label(
     if not label_ref.shots:
         return []
     rng = np.random.default_rng(config.seed)
+    reference_features = _reference_features(label_ref, config.object_cell_coverage)
     with segmenter.timed("matching"):
-        match = find_matches(config, target, label_ref)
+        match = find_matches(config, target, label_ref, reference_features)
     if match is None:
         return []
     with segmenter.timed("prompts"):
@@ -158,7 +163,6 @@ def segment_label(
         )
     if len(proposals) == 0:
         return []
-    reference_features = _reference_features(label_ref, config.object_cell_coverage)
     if config.output == "union":
         return union_output(
             segmenter, target, label_ref.label, proposals, match, reference_features

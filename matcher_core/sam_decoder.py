@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DECODER_PRECISIONS
+
 SemanticPrompt = Literal["published", "queries_only"]
 """Where PerSAM's target embedding enters the decoder transformer (module docstring)."""
 
@@ -189,8 +191,10 @@ class SamDecoder:
     """SAM's prompt encoder + mask decoder over a batch of prompt sets for one image."""
 
     def __init__(self, sam: nn.Module, precision: str = "float32"):
-        if precision not in ("float32", "bfloat16"):
-            raise ValueError(f"unknown decoder precision {precision!r}; float32 or bfloat16")
+        if precision not in DECODER_PRECISIONS:
+            raise ValueError(
+                f"unknown decoder precision {precision!r}; one of {DECODER_PRECISIONS}"
+            )
         self.sam = sam
         self.precision = precision
         """``float32``, or ``bfloat16`` autocast (``SegmenterConfig.decoder_precision``)."""
