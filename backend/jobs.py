@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 from labelstudio.redaction import redact_url
 
 from . import background
-from .leases import mark_training_requested
+from .leases import lock_held, mark_training_requested
 from .store import StateStore, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -110,11 +110,7 @@ class StoreFlag:
 
     def is_set(self) -> bool:
         """Whether the flag is set (tested by setting it briefly when clear)."""
-        probe = self.store.acquire_lock(self.name, 1.0)
-        if probe is None:
-            return True
-        self.store.release_lock(self.name, probe)
-        return False
+        return lock_held(self.store, self.name)
 
     def pop(self) -> bool:
         """Whether the flag was set; clears it."""

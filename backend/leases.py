@@ -103,13 +103,19 @@ def mark_training_requested(store: StateStore, project_id: str) -> None:
     store.update(project_id, change, reason="training requested")
 
 
-def training_lock_free(store: StateStore, project_id: str) -> bool:
-    """Whether nobody holds the project's training lease right now (probes by taking it)."""
-    token = store.acquire_lock(train_lock_name(project_id), 5.0)
+def lock_held(store: StateStore, name: str, probe_ttl: float = 1.0) -> bool:
+    """Whether someone holds the store lock ``name`` right now (probes by taking it for at most
+    ``probe_ttl`` seconds and giving it back)."""
+    token = store.acquire_lock(name, probe_ttl)
     if token is None:
-        return False
-    store.release_lock(train_lock_name(project_id), token)
-    return True
+        return True
+    store.release_lock(name, token)
+    return False
+
+
+def training_lock_free(store: StateStore, project_id: str) -> bool:
+    """Whether nobody holds the project's training lease right now."""
+    return not lock_held(store, train_lock_name(project_id), 5.0)
 
 
 def resume_stalled_training(runtime: Runtime, state: ProjectState) -> bool:

@@ -140,14 +140,7 @@ class OneShotModel:
         Returns:
             The learned reference, or ``None`` when no annotation could be loaded.
         """
-        return training.learn_from_examples(
-            project,
-            reference,
-            examples,
-            segmenter=self.runtime.segmenter(),
-            metrics=self.context.metrics,
-            max_shots=self.settings.max_shots_per_label,
-        )
+        return training.default_learn_hook(self.context)(project, reference, examples)
 
     def predict_and_post(self, tasks: list[dict]) -> int:
         """Background: predict ``tasks`` and store each prediction in Label Studio

@@ -249,8 +249,6 @@ def with_encoder_batches(predictor: TaskPredictor) -> tuple[TaskPredictor, int]:
         except Exception:  # each task reports the engine's failure
             on_gpu = False
         batch = GPU_ENCODER_BATCH if on_gpu else 1
-    if batch == 1:
-        return predictor, 1
     return replace(predictor, load_image=_BatchImages(predictor.load_image)), batch
 
 
@@ -290,10 +288,11 @@ class _BatchImages:
 
 def encode_ahead(predictor: TaskPredictor, tasks: list[dict]) -> None:
     """Run the encoders once over the images of ``tasks`` (the engine's cache keeps the
-    features for the tasks' predictions); a no-op unless the loader batches images. A failure
-    is logged: each task then encodes, and reports, on its own."""
-    if not isinstance(predictor.load_image, _BatchImages) or len(tasks) < 2:
-        return
+    features for the tasks' predictions); a no-op for one task (or a predictor that did not go
+    through :func:`with_encoder_batches`). A failure is logged: each task then encodes, and
+    reports, on its own."""
+    if len(tasks) < 2 or not isinstance(predictor.load_image, _BatchImages):
+        return  # one task: nothing to batch (its image is loaded when it is predicted)
     images = predictor.load_image.keep(tasks)
     if len(images) < 2:
         return

@@ -331,9 +331,7 @@ def _model_settings(env: Mapping[str, str]) -> dict:
     defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
     if random_weights:
         defaults = {"sam_type": TINY_MODELS["sam_type"], "encoder": TINY_MODELS["encoder"]}
-    mode = _text(env, "MODE", "matcher").lower()
-    if mode not in MODES:
-        raise SettingsError(f"MODE={mode!r}: choose one of {', '.join(MODES)}")
+    mode = _choice(env, "MODE", "matcher", MODES)
     preset = _text(env, "PRESET")
     if preset is not None and preset not in PRESETS:
         raise SettingsError(f"PRESET={preset!r}: choose one of {', '.join(sorted(PRESETS))}")

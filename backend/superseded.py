@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Callable
 
 from labelstudio.api import LabelStudioAPI, LabelStudioAPIError
 
@@ -41,14 +40,11 @@ def superseded_by_task(predictions: list[dict], current_version: str) -> dict[in
     return dict(by_task)
 
 
-def remove_superseded(
-    open_api: Callable[[ProjectState], LabelStudioAPI], state: ProjectState
-) -> int:
-    """Delete this backend's predictions of older versions on the project's unlabeled tasks;
-    returns how many were deleted. ``open_api``: the Label Studio client of a project's state. A
-    failure is logged and ends the cleanup (it never fails the training that called it)."""
+def remove_superseded(api: LabelStudioAPI, state: ProjectState) -> int:
+    """Delete this backend's predictions of older versions on the project's unlabeled tasks
+    through ``api`` (the project's Label Studio client); returns how many were deleted. A failure
+    is logged and ends the cleanup (it never fails the training that called it)."""
     try:
-        api = open_api(state)
         stale = superseded_by_task(api.project_predictions(state.project_id), state.model_version)
         removed = 0
         for task_id, prediction_ids in stale.items():

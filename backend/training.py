@@ -279,7 +279,7 @@ def train(
         raise
     log_trained(metrics, run, unlearned, new_state, state.model_version, started)
     if new_state.model_version != state.model_version and all(project.connection(new_state)):
-        remove_superseded(project.api, new_state)
+        remove_superseded(project.api(new_state), new_state)
     return new_state
 
 

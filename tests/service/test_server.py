@@ -203,7 +203,7 @@ def test_a_new_version_removes_only_superseded_predictions_of_unlabeled_tasks(ba
     state = runtime.store.load(str(PROJECT))
     state.model_version = current
 
-    removed = remove_superseded(ProjectContext(PROJECT, runtime=runtime).api, state)
+    removed = remove_superseded(ProjectContext(PROJECT, runtime=runtime).api(state), state)
 
     assert removed == 2
     assert sorted(fake_ls.deleted) == [1, 5]
